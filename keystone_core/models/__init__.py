@@ -1,0 +1,70 @@
+"""Every table of Keystone; importing this package registers them all on SQLModel.metadata."""
+
+from keystone_core.models.audit import AuditLog, OutboxEvent, Webhook
+from keystone_core.models.catalog import SOP, Scene, Skill, Subscene
+from keystone_core.models.enums import (
+    BatchStatus,
+    CredentialKind,
+    EpisodeStatus,
+    InspectionDecision,
+    OrderStatus,
+    OutboxStatus,
+    QATier,
+    Role,
+    SyncStatus,
+    SyncTarget,
+    TaskStatus,
+)
+from keystone_core.models.episode import Episode, Inspection, QAResult
+from keystone_core.models.organization import Factory, Organization, Workstation
+from keystone_core.models.people import DataCollector, Inspector, User, UserFactory
+from keystone_core.models.production import Batch, Order, Task
+from keystone_core.models.robot import (
+    DeviceCredential,
+    Robot,
+    RobotConfigTemplate,
+    RobotType,
+    RobotWorkstationBinding,
+)
+from keystone_core.models.sync import SyncAttempt, SyncJob
+
+__all__ = [
+    "SOP",
+    "AuditLog",
+    "Batch",
+    "BatchStatus",
+    "CredentialKind",
+    "DataCollector",
+    "DeviceCredential",
+    "Episode",
+    "EpisodeStatus",
+    "Factory",
+    "Inspection",
+    "InspectionDecision",
+    "Inspector",
+    "Order",
+    "OrderStatus",
+    "Organization",
+    "OutboxEvent",
+    "OutboxStatus",
+    "QAResult",
+    "QATier",
+    "Robot",
+    "RobotConfigTemplate",
+    "RobotType",
+    "RobotWorkstationBinding",
+    "Role",
+    "Scene",
+    "Skill",
+    "Subscene",
+    "SyncAttempt",
+    "SyncJob",
+    "SyncStatus",
+    "SyncTarget",
+    "Task",
+    "TaskStatus",
+    "User",
+    "UserFactory",
+    "Webhook",
+    "Workstation",
+]

@@ -1,0 +1,64 @@
+"""Audit log (every write: who, what, before/after), webhooks and the event outbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, Index
+from sqlmodel import Field
+
+from keystone_core import clock
+from keystone_core.db import UTCDateTime
+from keystone_core.models.base import Timestamped, enum_field, fk_field, id_field, utc_field
+from keystone_core.models.enums import OutboxStatus
+
+
+class AuditLog(Timestamped, table=True):
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_entity", "entity_type", "entity_id"),)
+
+    id: int | None = id_field()
+    occurred_at: dt.datetime = Field(
+        default_factory=clock.now, sa_type=UTCDateTime, nullable=False, index=True
+    )
+    actor_type: str = Field(max_length=32)  # user | device | system
+    actor_id: str = Field(default="", max_length=64)
+    actor_account: str = Field(default="", max_length=128)
+    action: str = Field(max_length=64, index=True)
+    entity_type: str = Field(max_length=64)
+    entity_id: str = Field(max_length=64)
+    factory_id: int | None = fk_field("factories.id", nullable=True)
+    before: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    after: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    request_id: str | None = Field(default=None, max_length=64)
+
+
+class Webhook(Timestamped, table=True):
+    __tablename__ = "webhooks"
+
+    id: int | None = id_field()
+    url: str = Field(max_length=2048)
+    secret: str = Field(max_length=255)
+    event_types: list[str] = Field(default_factory=list, sa_type=JSON)
+    factory_id: int | None = fk_field("factories.id", nullable=True)
+    is_active: bool = Field(default=True)
+    consecutive_failures: int = Field(default=0, ge=0)
+    disabled_at: dt.datetime | None = utc_field()
+
+
+class OutboxEvent(Timestamped, table=True):
+    """An event written in the same transaction as the change; delivered later by Dagster."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_status_due", "status", "next_attempt_at"),)
+
+    id: int | None = id_field()
+    event_type: str = Field(max_length=64, index=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    factory_id: int | None = fk_field("factories.id", nullable=True)
+    status: OutboxStatus = enum_field(OutboxStatus, OutboxStatus.PENDING)
+    attempts: int = Field(default=0, ge=0)
+    next_attempt_at: dt.datetime | None = utc_field()
+    delivered_at: dt.datetime | None = utc_field()
+    last_error: str = Field(default="", max_length=2048)

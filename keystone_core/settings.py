@@ -1,0 +1,104 @@
+"""The one settings object (environment variables prefixed ``KEYSTONE_``)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keystone_core.errors import ConfigurationError
+
+ENV_PREFIX = "KEYSTONE_"
+DEFAULT_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 (refused in production)
+DEFAULT_ADMIN_PASSWORD = "keystone-dev-admin"  # noqa: S105 (refused in production)
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Every knob of Keystone. Read once per process through :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    env: Environment = Environment.DEV
+    data_dir: Path = Field(Path(".keystone"), description="Local state for the embedded default.")
+    database_url: str = Field(
+        "sqlite:///.keystone/keystone.db",
+        description="SQLAlchemy URL: sqlite:///path or mysql+pymysql://user:pass@host:port/db.",
+    )
+    database_pool_size: int = Field(10, ge=1, le=200)
+    database_echo: bool = False
+    migrate_on_start: bool = Field(True, description="Run migrations when the API starts.")
+
+    secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
+    jwt_algorithm: str = Field("HS256", pattern=r"^(HS256|HS384|HS512)$")
+    access_token_expire_minutes: int = Field(720, ge=1, le=60 * 24 * 30)
+
+    admin_account: str = Field("admin", min_length=1, max_length=64)
+    admin_password: SecretStr = SecretStr(DEFAULT_ADMIN_PASSWORD)
+
+    s3_endpoint_url: str | None = Field(None, description="Empty means AWS's default endpoint.")
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket_prefix: str = Field("edge-", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
+
+    qa_auto_approve_threshold: float = Field(0.90, ge=0.0, le=1.0)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    max_request_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    metrics_token: SecretStr | None = Field(None, description="If set, /metrics needs it.")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets_in_production(self) -> Settings:
+        if self.env is not Environment.PRODUCTION:
+            return self
+        secret = self.secret_key.get_secret_value()
+        if not secret or secret == DEFAULT_SECRET_KEY or len(secret) < 32:
+            raise ValueError(
+                f"{ENV_PREFIX}SECRET_KEY must be set to a random value of at least 32 "
+                "characters in production"
+            )
+        password = self.admin_password.get_secret_value()
+        if not password or password == DEFAULT_ADMIN_PASSWORD:
+            raise ValueError(f"{ENV_PREFIX}ADMIN_PASSWORD must be set in production")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def bucket_for_factory(self, factory_id: str) -> str:
+        """The edge bucket of one factory (``s3://edge-{factory_id}/`` by default)."""
+        return f"{self.s3_bucket_prefix}{factory_id}".lower()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning validation errors into one readable ConfigurationError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        parts = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            parts.append(f"{name}: {message}" if field else message)
+        raise ConfigurationError("invalid configuration: " + "; ".join(parts)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached); tests call ``get_settings.cache_clear()``."""
+    return load_settings()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import BigInteger, Double, Enum, Integer
 from sqlmodel import Field, SQLModel
@@ -20,17 +20,21 @@ def id_field() -> Any:
     return Field(default=None, primary_key=True, sa_type=IdType)
 
 
+OnDelete = Literal["CASCADE", "SET NULL", "RESTRICT"]
+
+
 def fk_field(
-    target: str, *, nullable: bool = False, index: bool = True, ondelete: str | None = None
+    target: str, *, nullable: bool = False, index: bool = True, ondelete: OnDelete = "RESTRICT"
 ) -> Any:
     """A foreign key to ``target`` ("table.id"); RESTRICT by default so deletes need guards."""
+    default: Any = None if nullable else ...
     return Field(
-        default=None if nullable else ...,
+        default=default,
         foreign_key=target,
         sa_type=IdType,
         index=index,
         nullable=nullable,
-        ondelete=ondelete or "RESTRICT",
+        ondelete=ondelete,
     )
 
 

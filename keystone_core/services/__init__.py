@@ -1,0 +1,1 @@
+"""Domain services: the only code that changes rows; routers and ops call these."""

@@ -1,1 +1,1 @@
-"""x."""
+"""The ``keystone`` command line (may import every Keystone package; nothing imports it)."""

@@ -1,1 +1,1 @@
-"""x."""
+"""Keystone's asynchronous work as Dagster definitions (sensors, jobs, schedules, assets)."""

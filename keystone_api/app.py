@@ -1,0 +1,61 @@
+"""The FastAPI application: ``create_app`` wires settings, database, object store and routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from keystone_core.storage import create_s3_client
+from starlette.concurrency import run_in_threadpool
+
+from keystone_api.errors import install_error_handlers
+from keystone_api.middleware import RequestContextMiddleware
+from keystone_api.routers import auth, health, metrics
+from keystone_core import migrate
+from keystone_core.db import create_db_engine, session_scope
+from keystone_core.services.accounts import ensure_admin
+from keystone_core.settings import Settings, get_settings
+
+log = logging.getLogger("keystone.api")
+
+
+def _prepare_database(settings: Settings, app: FastAPI) -> None:
+    engine = app.state.engine
+    if settings.migrate_on_start:
+        migrate.upgrade(engine, lock_dir=settings.data_dir)
+    with session_scope(engine) as session:
+        ensure_admin(session, settings)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. Migrations and the admin account are handled when it starts."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = create_db_engine(settings)
+        app.state.s3 = create_s3_client(settings)
+        try:
+            await run_in_threadpool(_prepare_database, settings, app)
+            log.info("keystone api ready (env=%s)", settings.env.value)
+            yield
+        finally:
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Keystone",
+        version="0.1.0",
+        description="Edge data platform for robot data collection.",
+        lifespan=lifespan,
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    for router in (auth.router, health.router, metrics.router):
+        app.include_router(router)
+    return app

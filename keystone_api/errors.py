@@ -1,0 +1,114 @@
+"""One mapping from Keystone errors to HTTP: ``{code, message}`` bodies, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keystone_core.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConflictError,
+    DependencyUnavailable,
+    KeystoneError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationFailed,
+)
+
+log = logging.getLogger("keystone.api")
+
+STATUS_BY_ERROR: tuple[tuple[type[KeystoneError], int], ...] = (
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (ValidationFailed, 422),
+    (DependencyUnavailable, 503),
+    (ConfigurationError, 500),
+)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    code: str
+    message: str
+    detail: Any | None = None
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    detail: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
+
+
+def status_for(exc: KeystoneError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+async def _keystone_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KeystoneError)
+    status = status_for(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return error_response(status, exc.code, exc.message, exc.details or None, headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in err.items() if k in {"loc", "msg", "type"}} for err in exc.errors()]
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return error_response(422, "invalid_json", "request body is not valid JSON", errors)
+    fields = ", ".join(".".join(str(p) for p in e["loc"][1:]) or "body" for e in errors)
+    return error_response(422, "validation_error", f"invalid input: {fields}", errors)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal error; see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(KeystoneError, _keystone_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

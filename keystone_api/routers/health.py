@@ -1,0 +1,68 @@
+"""Health: readiness of every dependency (503 when one is down) and plain liveness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from keystone_core.storage import check_object_store
+
+from keystone_api.deps import get_engine, public
+from keystone_api.schemas import ComponentHealth, HealthResponse, LiveResponse
+from keystone_core.db import check_database
+from keystone_core.errors import KeystoneError
+from keystone_core.migrate import migration_status
+
+router = APIRouter(prefix="/api/v1/health", tags=["health"])
+
+
+@router.get(
+    "",
+    response_model=HealthResponse,
+    dependencies=[Depends(public("load balancers and operators probe it"))],
+    responses={503: {"model": HealthResponse, "description": "a component is down"}},
+)
+def health(request: Request) -> JSONResponse:
+    """Database, object store and migration level; 503 when any of them is not right."""
+    engine = get_engine(request)
+    components: dict[str, ComponentHealth] = {}
+    migration: dict[str, str | None] = {"current": None, "head": None}
+    try:
+        check_database(engine)
+        components["database"] = ComponentHealth(status="up")
+    except KeystoneError as exc:
+        components["database"] = ComponentHealth(status="down", detail=exc.message)
+    try:
+        check_object_store(request.app.state.s3)
+        components["object_store"] = ComponentHealth(status="up")
+    except KeystoneError as exc:
+        components["object_store"] = ComponentHealth(status="down", detail=exc.message)
+    if components["database"].status == "up":
+        try:
+            status = migration_status(engine)
+            migration = {"current": status.current, "head": status.head}
+            components["migrations"] = (
+                ComponentHealth(status="up")
+                if status.up_to_date
+                else ComponentHealth(
+                    status="down", detail=f"database at {status.current}, code at {status.head}"
+                )
+            )
+        except Exception as exc:  # a broken alembic table must show up, not crash the probe
+            components["migrations"] = ComponentHealth(status="down", detail=str(exc)[:200])
+    else:
+        components["migrations"] = ComponentHealth(status="down", detail="database is down")
+    healthy = all(c.status == "up" for c in components.values())
+    body = HealthResponse(
+        status="ok" if healthy else "degraded", components=components, migration=migration
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+
+
+@router.get(
+    "/live",
+    response_model=LiveResponse,
+    dependencies=[Depends(public("liveness probe"))],
+)
+def live() -> LiveResponse:
+    """The process answers; says nothing about its dependencies."""
+    return LiveResponse(status="ok")

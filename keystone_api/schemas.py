@@ -1,0 +1,55 @@
+"""Response and request models shared by routers (ids are strings in JSON)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from keystone_core.models import Role
+
+
+def _to_str(value: Any) -> str:
+    return str(value)
+
+
+IdStr = Annotated[str, BeforeValidator(_to_str), PlainSerializer(str, return_type=str)]
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: str = "bearer"  # noqa: S105 (the OAuth2 token type)
+    expires_in: int
+    role: Role
+
+
+class MeResponse(BaseModel):
+    id: IdStr
+    account: str
+    role: Role
+    display_name: str
+    factory_ids: list[IdStr]
+    data_collector_id: IdStr | None
+    inspector_id: IdStr | None
+
+
+class ComponentHealth(BaseModel):
+    status: str = Field(description="`up` or `down`")
+    detail: str = ""
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="`ok` when every component is up, else `degraded`")
+    components: dict[str, ComponentHealth]
+    migration: dict[str, str | None]
+
+
+class LiveResponse(BaseModel):
+    status: str

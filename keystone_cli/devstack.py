@@ -1,0 +1,295 @@
+"""``keystone dev``: the embedded stack — SeaweedFS, API and Dagster — as one process group each."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
+from rich.console import Console
+
+from keystone_core import migrate
+from keystone_core.db import create_db_engine, session_scope
+from keystone_core.services.accounts import ensure_admin
+from keystone_core.services.demo import seed_demo
+from keystone_core.settings import Settings, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DAGSTER_DEV_CONFIG = """\
+# Written by `keystone dev`: the SQLite variant of the repository's dagster.yaml.
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: keystone/pool
+        value: qa
+        limit: 2
+      - key: keystone/pool
+        value: sync
+        limit: 2
+run_retries:
+  enabled: true
+  max_retries: 2
+retention:
+  schedule:
+    purge_after_days: 30
+  sensor:
+    purge_after_days:
+      skipped: 1
+      failure: 30
+      success: 7
+"""
+
+
+def load_or_create_dev_secrets(path: Path) -> dict[str, str]:
+    """Generated once, reused on every later start so logins and S3 keys stay valid."""
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    data = {
+        "secret_key": secrets.token_urlsafe(48),
+        "admin_password": secrets.token_urlsafe(12),
+        "s3_access_key": "keystone" + secrets.token_hex(6),
+        "s3_secret_key": secrets.token_urlsafe(30),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class DevStack:
+    """Start, supervise and stop the embedded stack; Ctrl-C stops every child group."""
+
+    api_port: int = 8000
+    dagster_port: int = 3000
+    s3_port: int = 8333
+    with_dagster: bool = True
+    root: Path = field(default_factory=Path.cwd)
+    console: Console = field(default_factory=Console)
+    children: list[Child] = field(default_factory=list)
+    _stopping: bool = False
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.root / ".keystone").resolve()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        s3: EmbeddedS3Server | None = None
+        try:
+            secrets_ = load_or_create_dev_secrets(self.data_dir / "dev-secrets.json")
+            s3 = EmbeddedS3Server(
+                data_dir=self.data_dir / "s3",
+                s3_port=self.s3_port,
+                access_key=secrets_["s3_access_key"],
+                secret_key=secrets_["s3_secret_key"],
+            )
+            self.console.print(f"starting embedded S3 (SeaweedFS) on port {self.s3_port} …")
+            s3.start()
+            env = self._child_env(secrets_, s3.endpoint_url)
+            settings = load_settings(
+                **{
+                    k.removeprefix("KEYSTONE_").lower(): v
+                    for k, v in env.items()
+                    if k.startswith("KEYSTONE_")
+                }
+            )
+            factory_ids = self._prepare(settings)
+            self._start_children(env)
+            self._wait_ready()
+            self._print_banner(settings, factory_ids)
+            return self._supervise()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self._stop_children()
+            if s3 is not None:
+                s3.stop()
+            self.console.print("stopped.")
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def _child_env(self, secrets_: dict[str, str], s3_endpoint: str) -> dict[str, str]:
+        dagster_home = self.data_dir / "dagster"
+        dagster_home.mkdir(parents=True, exist_ok=True)
+        (dagster_home / "dagster.yaml").write_text(DAGSTER_DEV_CONFIG)
+        return {
+            "KEYSTONE_ENV": "dev",
+            "KEYSTONE_DATA_DIR": str(self.data_dir),
+            "KEYSTONE_DATABASE_URL": f"sqlite:///{self.data_dir / 'keystone.db'}",
+            "KEYSTONE_SECRET_KEY": secrets_["secret_key"],
+            "KEYSTONE_ADMIN_PASSWORD": secrets_["admin_password"],
+            "KEYSTONE_S3_ENDPOINT_URL": s3_endpoint,
+            "KEYSTONE_S3_ACCESS_KEY": secrets_["s3_access_key"],
+            "KEYSTONE_S3_SECRET_KEY": secrets_["s3_secret_key"],
+            "KEYSTONE_API_PORT": str(self.api_port),
+            "DAGSTER_HOME": str(dagster_home),
+        }
+
+    def _prepare(self, settings: Settings) -> list[int]:
+        self.console.print("migrating the database and seeding demo data …")
+        engine = create_db_engine(settings)
+        try:
+            migrate.upgrade(engine, lock_dir=settings.data_dir)
+            with session_scope(engine) as session:
+                ensure_admin(session, settings)
+                demo = seed_demo(session)
+        finally:
+            engine.dispose()
+        client = create_s3_client(settings)
+        for factory_id in demo.factory_ids:
+            ensure_bucket(client, settings.bucket_for_factory(str(factory_id)))
+        return demo.factory_ids
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(  # noqa: S603 (our own executables)
+                argv,
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as a whole
+            )
+        self.children.append(Child(name, process, log_path))
+
+    def _start_children(self, env: dict[str, str]) -> None:
+        bin_dir = Path(sys.executable).parent
+        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "keystone_cli",
+                "api",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+            ],
+            env,
+        )
+        if self.with_dagster:
+            self._spawn(
+                "dagster-webserver",
+                [
+                    str(bin_dir / "dagster-webserver"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.dagster_port),
+                    "-w",
+                    workspace,
+                ],
+                env,
+            )
+            self._spawn(
+                "dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], env
+            )
+
+    def _wait_ready(self, timeout_s: float = 180.0) -> None:
+        checks = {"api": f"http://127.0.0.1:{self.api_port}/api/v1/health"}
+        if self.with_dagster:
+            checks["dagster-webserver"] = f"http://127.0.0.1:{self.dagster_port}/server_info"
+        deadline = time.monotonic() + timeout_s
+        pending = dict(checks)
+        while pending:
+            self._raise_if_child_died()
+            for name, url in list(pending.items()):
+                try:
+                    if httpx.get(url, timeout=2.0).status_code == 200:
+                        self.console.print(f"  {name} is up")
+                        del pending[name]
+                except httpx.HTTPError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout_s:.0f}s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.5)
+
+    def _raise_if_child_died(self) -> None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None and not self._stopping:
+                tail = child.log_path.read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError(
+                    f"{child.name} exited with code {code}; log {child.log_path}:\n"
+                    + "\n".join(tail)
+                )
+
+    def _print_banner(self, settings: Settings, factory_ids: list[int]) -> None:
+        c = self.console
+        c.rule("[bold]Keystone dev stack is up")
+        c.print(
+            f"API        http://127.0.0.1:{self.api_port}/api/v1  "
+            f"(docs: http://127.0.0.1:{self.api_port}/api/v1/docs)"
+        )
+        c.print(f"Health     http://127.0.0.1:{self.api_port}/api/v1/health")
+        if self.with_dagster:
+            c.print(f"Dagster    http://127.0.0.1:{self.dagster_port}")
+        c.print(
+            f"S3         {settings.s3_endpoint_url}  buckets: "
+            + ", ".join(settings.bucket_for_factory(str(f)) for f in factory_ids)
+        )
+        c.print(
+            f"Admin      account [bold]{settings.admin_account}[/]  password "
+            f"[bold]{settings.admin_password.get_secret_value()}[/]"
+        )
+        c.print(f"Data       {self.data_dir}  (logs in {self.data_dir / 'logs'})")
+        c.print("Press Ctrl-C to stop.")
+
+    def _supervise(self) -> int:
+        while True:
+            try:
+                self._raise_if_child_died()
+            except RuntimeError as exc:
+                self.console.print(f"[red]{exc}[/]")
+                return 1
+            time.sleep(1.0)
+
+    def _stop_children(self) -> None:
+        self._stopping = True
+        for child in self.children:
+            if child.process.poll() is None:
+                try:
+                    os.killpg(child.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 15
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+            # Grandchildren (Dagster's code server) may outlive their parent: end the group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)

@@ -1,0 +1,153 @@
+"""``keystone``: run the API, migrate, manage users and start the embedded dev stack."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from keystone_core.errors import KeystoneError
+
+app = typer.Typer(
+    name="keystone",
+    help="Keystone — edge data platform for robot data collection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+user_app = typer.Typer(help="Manage login accounts.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+err = Console(stderr=True)
+
+# uvicorn's WebSocket limits are server-wide; the device channels need large frames and
+# long (device-driven) keepalive, so every launcher sets them.
+WS_MAX_SIZE = 64 * 1024 * 1024
+WS_PING_INTERVAL_S = 300.0
+WS_PING_TIMEOUT_S = 300.0
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (default from settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from settings).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (runs migrations on start unless KEYSTONE_MIGRATE_ON_START=false)."""
+    import uvicorn
+
+    from keystone_core.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run(
+        "keystone_api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        ws="websockets",
+        ws_max_size=WS_MAX_SIZE,
+        ws_ping_interval=WS_PING_INTERVAL_S,
+        ws_ping_timeout=WS_PING_TIMEOUT_S,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Upgrade the database schema (to head by default)."""
+    from keystone_core import migrate as migrations
+    from keystone_core.db import create_db_engine
+    from keystone_core.settings import get_settings
+
+    settings = get_settings()
+    engine = create_db_engine(settings)
+    try:
+        migrations.upgrade(engine, lock_dir=settings.data_dir, revision=revision)
+        status = migrations.migration_status(engine)
+    finally:
+        engine.dispose()
+    typer.echo(f"database at revision {status.current} (head {status.head})")
+
+
+@user_app.command("create")
+def user_create(
+    account: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[
+        str, typer.Option(help="admin, production_manager, data_collector or data_inspector.")
+    ],
+    factory: Annotated[
+        list[int] | None,
+        typer.Option("--factory", "-f", help="Factory id in scope (repeat). None = all (admin)."),
+    ] = None,
+    display_name: Annotated[str, typer.Option(help="Name shown in the UI.")] = "",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create a login account with a role and factory scope."""
+    from keystone_core.db import create_db_engine, session_scope
+    from keystone_core.models import Role
+    from keystone_core.services.accounts import create_user
+    from keystone_core.services.audit import Actor
+    from keystone_core.settings import get_settings
+
+    try:
+        parsed_role = Role(role)
+    except ValueError:
+        raise typer.BadParameter(
+            f"unknown role {role!r}; use one of {', '.join(r.value for r in Role)}",
+            param_hint="--role",
+        ) from None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    engine = create_db_engine(get_settings())
+    try:
+        with session_scope(engine) as session:
+            user = create_user(
+                session,
+                account=account,
+                password=password,
+                role=parsed_role,
+                factory_ids=factory or [],
+                display_name=display_name,
+                actor=Actor(type="cli", id="keystone-cli", account="cli"),
+            )
+            user_id = user.id
+    finally:
+        engine.dispose()
+    typer.echo(f"created {parsed_role.value} account {account!r} (id {user_id})")
+
+
+@app.command()
+def dev(
+    api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    dagster_port: Annotated[int, typer.Option(help="Dagster UI port.")] = 3000,
+    s3_port: Annotated[int, typer.Option(help="Embedded S3 port.")] = 8333,
+    no_dagster: Annotated[bool, typer.Option("--no-dagster", help="Skip Dagster.")] = False,
+) -> None:
+    """Run everything on this machine: embedded S3, API, Dagster; SQLite under ./.keystone/."""
+    from keystone_cli.devstack import DevStack
+
+    code = DevStack(
+        api_port=api_port,
+        dagster_port=dagster_port,
+        s3_port=s3_port,
+        with_dagster=not no_dagster,
+    ).run()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: Keystone errors become one line on stderr and a non-zero exit code."""
+    try:
+        app()
+    except KeystoneError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(2 if exc.code == "configuration_error" else 1)

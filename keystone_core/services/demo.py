@@ -1,0 +1,66 @@
+"""Demo data for the embedded dev stack: one organization, factory, robot type and scene."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session, col, select
+
+from keystone_core.models import SOP, Factory, Organization, RobotType, Scene, Skill, Subscene
+from keystone_core.services.audit import Actor, record_audit
+
+DEMO_ORG_SLUG = "demo-robotics"
+DEMO_FACTORY_SLUG = "demo-factory"
+
+
+@dataclass(frozen=True)
+class DemoData:
+    organization_id: int
+    factory_ids: list[int]
+
+
+def seed_demo(session: Session) -> DemoData:
+    """Create the demo rows once; later calls find them and change nothing."""
+    org = session.exec(select(Organization).where(Organization.slug == DEMO_ORG_SLUG)).first()
+    if org is None:
+        org = Organization(name="Demo Robotics", slug=DEMO_ORG_SLUG, description="Demo data")
+        session.add(org)
+        session.flush()
+        factory = Factory(
+            organization_id=org.id,  # type: ignore[arg-type]
+            name="Demo Factory",
+            slug=DEMO_FACTORY_SLUG,
+            location="Building 1",
+            timezone="Asia/Shanghai",
+            production_start="08:00",
+            production_end="20:00",
+        )
+        robot_type = RobotType(
+            name="axon-demo-arm",
+            model="Demo dual-arm",
+            manufacturer="Demo Robotics",
+            required_topics=["/camera/head/image_raw/compressed", "/joint_states"],
+        )
+        scene = Scene(name="Kitchen tabletop", description="Tabletop manipulation")
+        skill = Skill(name="pick_and_place", description="Pick an object and place it")
+        session.add_all([factory, robot_type, scene, skill])
+        session.flush()
+        session.add(Subscene(scene_id=scene.id, name="Cup to tray"))  # type: ignore[arg-type]
+        session.add(SOP(skill_id=skill.id, name="Pick and place v1", content="1. Approach ..."))
+        record_audit(
+            session,
+            Actor.system("demo-seed"),
+            "demo.seed",
+            entity_type="organization",
+            entity_id=org.id or 0,
+            after={"factory": DEMO_FACTORY_SLUG},
+        )
+    assert org.id is not None
+    factory_ids = list(
+        session.exec(
+            select(Factory.id).where(
+                Factory.organization_id == org.id, col(Factory.deleted_at).is_(None)
+            )
+        )
+    )
+    return DemoData(organization_id=org.id, factory_ids=[f for f in factory_ids if f is not None])

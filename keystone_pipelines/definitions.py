@@ -1,0 +1,17 @@
+"""The code location ``keystone_pipelines`` loaded by Dagster (see workspace.yaml)."""
+
+from __future__ import annotations
+
+from dagster import Definitions
+
+from keystone_pipelines.defs.maintenance import (
+    release_expired_leases,
+    release_expired_leases_schedule,
+)
+from keystone_pipelines.resources import KeystoneDatabase
+
+defs = Definitions(
+    jobs=[release_expired_leases],
+    schedules=[release_expired_leases_schedule],
+    resources={"database": KeystoneDatabase()},
+)

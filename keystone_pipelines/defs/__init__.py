@@ -1,0 +1,1 @@
+"""Definitions grouped by concern."""

@@ -1,0 +1,34 @@
+"""Dagster resources over Keystone's one settings object, engine factory and S3 factory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+
+from dagster import ConfigurableResource
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from keystone_core.db import create_db_engine, session_scope
+from keystone_core.settings import Settings, load_settings
+
+
+class KeystoneDatabase(ConfigurableResource):  # type: ignore[type-arg]
+    """Keystone's database as configured by ``KEYSTONE_*`` (optionally another URL)."""
+
+    database_url: str | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        overrides = {"database_url": self.database_url} if self.database_url else {}
+        return load_settings(**overrides)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return create_db_engine(self.settings)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.engine) as session:
+            yield session

@@ -1,0 +1,245 @@
+"""Auth API: login, /me, token failures, error bodies, body limit, route role lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from keystone_api.app import create_app
+from keystone_core import clock
+from keystone_core.db import create_db_engine, session_scope
+from keystone_core.models import Factory, Organization, Role
+from keystone_core.services.accounts import create_user
+from keystone_core.services.audit import Actor
+from keystone_core.settings import Settings
+from tests.conftest import make_settings
+
+ADMIN_PASSWORD = "test-admin-password"
+
+
+@pytest.fixture
+def api_settings(tmp_path: Path) -> Settings:
+    # Nothing listens on port 1: the object store is "down" for these tests.
+    return make_settings(
+        tmp_path,
+        s3_endpoint_url="http://127.0.0.1:1",
+        s3_access_key="k",
+        s3_secret_key="s",
+        max_request_body_bytes=4096,
+    )
+
+
+@pytest.fixture
+def client(api_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(api_settings)) as c:
+        yield c
+
+
+def login(client: TestClient, account: str, password: str) -> str:
+    response = client.post("/api/v1/auth/login", json={"account": account, "password": password})
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+def test_login_returns_a_bearer_token_for_the_bootstrap_admin(client: TestClient) -> None:
+    response = client.post(
+        "/api/v1/auth/login", json={"account": "admin", "password": ADMIN_PASSWORD}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["role"] == "admin"
+    assert body["expires_in"] == 720 * 60
+    me = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert me.status_code == 200
+    assert me.json()["account"] == "admin"
+    assert me.json()["role"] == "admin"
+    assert me.json()["factory_ids"] == []
+    assert isinstance(me.json()["id"], str)
+
+
+def test_wrong_password_and_unknown_account_get_the_same_401(client: TestClient) -> None:
+    wrong = client.post("/api/v1/auth/login", json={"account": "admin", "password": "nope-nope"})
+    unknown = client.post("/api/v1/auth/login", json={"account": "ghost", "password": "nope-nope"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json()
+    assert wrong.json()["code"] == "invalid_credentials"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_token"),
+        ({"Authorization": "Bearer garbage"}, "invalid_token"),
+        ({"Authorization": "Basic YWRtaW46eA=="}, "missing_token"),
+    ],
+)
+def test_me_without_a_valid_token_is_401(
+    client: TestClient, headers: dict[str, str], code: str
+) -> None:
+    response = client.get("/api/v1/auth/me", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["code"] == code
+    assert "message" in response.json()
+
+
+def test_expired_and_foreign_tokens_are_401(client: TestClient, api_settings: Settings) -> None:
+    token = login(client, "admin", ADMIN_PASSWORD)
+    with clock.frozen(clock.now() + timedelta(days=2)):
+        expired = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert expired.status_code == 401
+    assert expired.json()["code"] == "token_expired"
+    forged = jwt.encode(
+        {"sub": "1", "role": "admin", "exp": 4102444800, "jti": "x"}, "another-key", "HS256"
+    )
+    response = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {forged}"})
+    assert response.status_code == 401
+    assert response.json()["code"] == "invalid_token"
+
+
+def test_scoped_user_token_carries_its_factories(
+    client: TestClient, api_settings: Settings
+) -> None:
+    engine = create_db_engine(api_settings)
+    with session_scope(engine) as session:
+        org = Organization(name="O", slug="o")
+        session.add(org)
+        session.flush()
+        factory = Factory(organization_id=org.id, name="F", slug="f")  # type: ignore[arg-type]
+        session.add(factory)
+        session.flush()
+        assert factory.id is not None
+        factory_id = factory.id
+        create_user(
+            session,
+            account="pm",
+            password="pm-password-1",
+            role=Role.PRODUCTION_MANAGER,
+            factory_ids=[factory_id],
+            actor=Actor.system(),
+        )
+    engine.dispose()
+    token = login(client, "pm", "pm-password-1")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["role"] == "production_manager"
+    assert claims["factory_ids"] == [factory_id]
+    assert claims["jti"] and claims["exp"] and claims["sub"]
+    me = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.json()["factory_ids"] == [str(factory_id)]
+
+
+def test_malformed_json_is_422_with_a_stable_code(client: TestClient) -> None:
+    response = client.post(
+        "/api/v1/auth/login",
+        content=b'{"account": "admin", "password": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_json"
+
+
+def test_missing_and_wrongly_typed_fields_are_422_with_field_errors(client: TestClient) -> None:
+    response = client.post("/api/v1/auth/login", json={"account": 5})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["code"] == "validation_error"
+    locations = {tuple(err["loc"]) for err in body["detail"]}
+    assert ("body", "password") in locations
+    assert ("body", "account") in locations
+
+
+def test_oversized_body_is_413(client: TestClient) -> None:
+    big = {"account": "admin", "password": "x" * 10_000}
+    response = client.post("/api/v1/auth/login", json=big)
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+
+
+def test_oversized_chunked_body_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"account": "admin", "password": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}'
+
+    response = client.post(
+        "/api/v1/auth/login", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+def test_unknown_route_is_404_json(client: TestClient) -> None:
+    response = client.get("/api/v1/nope")
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    echoed = client.get("/api/v1/health/live", headers={"X-Request-ID": "abc123"})
+    assert echoed.headers["x-request-id"] == "abc123"
+    generated = client.get("/api/v1/health/live")
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_health_is_503_when_the_object_store_is_down(client: TestClient) -> None:
+    response = client.get("/api/v1/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["components"]["database"]["status"] == "up"
+    assert body["components"]["migrations"]["status"] == "up"
+    assert body["components"]["object_store"]["status"] == "down"
+    assert body["migration"]["current"] == body["migration"]["head"]
+
+
+def test_liveness_needs_no_dependencies(client: TestClient) -> None:
+    assert client.get("/api/v1/health/live").json() == {"status": "ok"}
+
+
+def test_metrics_expose_request_counts_by_route_template(client: TestClient) -> None:
+    client.get("/api/v1/health/live")
+    text = client.get("/metrics").text
+    assert "keystone_http_requests_total" in text
+    assert 'route="/api/v1/health/live"' in text
+    assert "keystone_http_request_duration_seconds_bucket" in text
+
+
+def test_metrics_token_protects_metrics(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, metrics_token="scrape-me")
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/metrics").status_code == 401
+        ok = c.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert ok.status_code == 200
+
+
+def test_every_route_is_either_role_listed_or_deliberately_public(client: TestClient) -> None:
+    """The rule of DESIGN.md: no route without an explicit role list, except named public ones."""
+    public_paths = {"/api/v1/auth/login", "/api/v1/health", "/api/v1/health/live", "/metrics"}
+    for route in client.app.routes:  # type: ignore[attr-defined]
+        if not isinstance(route, APIRoute):
+            continue
+        calls = [d.call for d in _walk(route.dependant)]
+        roles = [c for c in calls if hasattr(c, "allowed_roles")]
+        publics = [c for c in calls if hasattr(c, "public_reason")]
+        assert roles or publics, f"{route.path} has neither a role list nor a public marker"
+        if publics:
+            assert route.path in public_paths, f"{route.path} is public but not on the list"
+
+
+def _walk(dependant: object) -> Iterator[object]:
+    for dep in getattr(dependant, "dependencies", []):
+        yield dep
+        yield from _walk(dep)
+
+
+def test_openapi_declares_error_responses(client: TestClient) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    login_responses = spec["paths"]["/api/v1/auth/login"]["post"]["responses"]
+    assert {"200", "401", "422"} <= set(login_responses)

@@ -51,40 +51,61 @@ class RequestContextMiddleware:
         request_id = request_id or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
-        status_holder = {"status": 500}
+        state = {"status": 500, "too_large": False, "replaced": False}
 
         async def send_with_id(message: Message) -> None:
+            if state["replaced"]:
+                return  # the app's own answer to a cut-off body is dropped
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
+                if state["too_large"]:
+                    state["replaced"] = True
+                    await self._reject(send_with_id_raw)
+                    return
+                state["status"] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, request_id.encode()),
+                ]
+            await send(message)
+
+        async def send_with_id_raw(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, request_id.encode()),
+                ]
             await send(message)
 
         try:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._reject(send_with_id)
+                await self._reject(send_with_id_raw)
                 return
             received = 0
 
             async def limited_receive() -> Message:
+                # A chunked body has no length up front: count it as it arrives.
                 nonlocal received
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
+                        state["too_large"] = True
                         raise _BodyTooLarge
                 return message
 
             try:
                 await self.app(scope, limited_receive, send_with_id)
             except _BodyTooLarge:
-                await self._reject(send_with_id)
+                if not state["replaced"]:
+                    state["replaced"] = True
+                    await self._reject(send_with_id_raw)
         finally:
             route = scope.get("route")
             template: Any = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            HTTP_REQUESTS.labels(method, template, str(status_holder["status"])).inc()
+            HTTP_REQUESTS.labels(method, template, str(state["status"])).inc()
             HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - started)
 
     async def _reject(self, send: Send) -> None:

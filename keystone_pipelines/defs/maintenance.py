@@ -1,6 +1,6 @@
 """Maintenance: recover work whose lease expired (a dead run must not strand an episode)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Dagster inspects op annotations at runtime.
 
 from dagster import (
     DefaultScheduleStatus,

@@ -130,7 +130,9 @@ def test_scoped_user_token_carries_its_factories(
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["role"] == "production_manager"
     assert claims["factory_ids"] == [factory_id]
-    assert claims["jti"] and claims["exp"] and claims["sub"]
+    assert claims["jti"]
+    assert claims["exp"]
+    assert claims["sub"]
     me = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
     assert me.json()["factory_ids"] == [str(factory_id)]
 

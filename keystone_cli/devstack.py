@@ -97,7 +97,9 @@ class DevStack:
         return (self.root / ".keystone").resolve()
 
     def run(self) -> int:
+        # Explicit handlers: a shell may start us with SIGINT ignored (background jobs).
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         s3: EmbeddedS3Server | None = None
         try:
             secrets_ = load_or_create_dev_secrets(self.data_dir / "dev-secrets.json")

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import BigInteger, Double, Enum, Integer
+from sqlalchemy import JSON, BigInteger, Column, Double, Enum, Integer
 from sqlmodel import Field, SQLModel
 
 from keystone_core import clock
@@ -83,4 +83,13 @@ def double_field(*, nullable: bool = True, ge: float | None = None, le: float | 
     """A double-precision float (MySQL FLOAT is single precision)."""
     return Field(
         default=None if nullable else ..., sa_type=Double(), ge=ge, le=le, nullable=nullable
+    )
+
+
+def metadata_field() -> Any:
+    """A JSON ``metadata`` column (the attribute is ``meta``: SQLModel owns ``metadata``)."""
+    return Field(
+        default_factory=dict,
+        sa_column=Column("metadata", JSON, nullable=False),
+        alias="metadata",
     )

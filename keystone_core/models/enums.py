@@ -20,6 +20,13 @@ class OrderStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class OrderPriority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+
 class BatchStatus(StrEnum):
     PENDING = "pending"
     ACTIVE = "active"

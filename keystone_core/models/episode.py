@@ -15,6 +15,7 @@ from keystone_core.models.base import (
     enum_field,
     fk_field,
     id_field,
+    metadata_field,
     utc_field,
 )
 from keystone_core.models.enums import EpisodeStatus, InspectionDecision, QATier
@@ -41,19 +42,21 @@ class Episode(Timestamped, table=True):
     # UTC date the recording started (sidecar/callback), else the date in the object key.
     recording_date: dt.date = Field(sa_type=Date, index=True)
     recording_started_at: dt.datetime | None = utc_field()
-    duration_s: float | None = double_field(ge=0)
+    duration_sec: float | None = double_field(ge=0)
     bucket: str = Field(max_length=255)
-    mcap_key: str = Field(max_length=1024)
-    sidecar_key: str | None = Field(default=None, max_length=1024)
-    size_bytes: int | None = Field(default=None, ge=0, sa_type=BigInteger)
-    sha256: str | None = Field(default=None, max_length=64)
+    # Object keys in ``bucket`` (the device's own paths; Keystone never rewrites them).
+    mcap_path: str = Field(max_length=1024)
+    sidecar_path: str | None = Field(default=None, max_length=1024)
+    file_size_bytes: int | None = Field(default=None, ge=0, sa_type=BigInteger)
+    checksum: str | None = Field(default=None, max_length=128)  # SHA-256 hex of the MCAP
     verified_at: dt.datetime | None = utc_field()
     qa_score: float | None = double_field(ge=0, le=1)
     qa_lease_owner: str | None = Field(default=None, max_length=128)
     qa_lease_expires_at: dt.datetime | None = utc_field()
     approved_at: dt.datetime | None = utc_field()
-    labels: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
-    notes: str = Field(default="", max_length=4096)
+    labels: list[str] = Field(default_factory=list, sa_type=JSON)
+    quality_flag: str = Field(default="", max_length=1024)
+    meta: dict[str, Any] = metadata_field()
 
 
 class QAResult(Timestamped, table=True):
@@ -87,4 +90,5 @@ class Inspection(Timestamped, table=True):
     lease_expires_at: dt.datetime | None = utc_field(index=True)
     decision: InspectionDecision | None = enum_field(InspectionDecision, None)
     reason: str = Field(default="", max_length=2048)
+    failed_tags: list[str] = Field(default_factory=list, sa_type=JSON)
     decided_at: dt.datetime | None = utc_field()

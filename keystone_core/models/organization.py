@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import JSON, UniqueConstraint
 from sqlmodel import Field
 
-from keystone_core.models.base import SoftDeleted, fk_field, id_field
+from keystone_core.models.base import SoftDeleted, fk_field, id_field, metadata_field
 
 
 class Organization(SoftDeleted, table=True):
@@ -17,6 +17,7 @@ class Organization(SoftDeleted, table=True):
     name: str = Field(max_length=128, unique=True)
     slug: str = Field(max_length=64, unique=True)
     description: str = Field(default="", max_length=1024)
+    settings: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
 
 
 class Factory(SoftDeleted, table=True):
@@ -47,7 +48,9 @@ class Workstation(SoftDeleted, table=True):
     id: int | None = id_field()
     factory_id: int = fk_field("factories.id")
     name: str = Field(max_length=128)
-    status: str = Field(default="active", max_length=32, index=True)
+    status: str = Field(
+        default="active", max_length=32, index=True
+    )  # active|inactive|break|offline
     robot_id: int | None = fk_field("robots.id", nullable=True)
     data_collector_id: int | None = fk_field("data_collectors.id", nullable=True)
-    description: str = Field(default="", max_length=1024)
+    meta: dict[str, Any] = metadata_field()

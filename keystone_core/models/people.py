@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field
@@ -14,6 +15,7 @@ from keystone_core.models.base import (
     enum_field,
     fk_field,
     id_field,
+    metadata_field,
     utc_field,
 )
 from keystone_core.models.enums import Role
@@ -30,10 +32,11 @@ class DataCollector(SoftDeleted, table=True):
     id: int | None = id_field()
     factory_id: int = fk_field("factories.id")
     name: str = Field(max_length=128)
-    operator_id: str = Field(max_length=64)
-    phone: str = Field(default="", max_length=32)
+    operator_id: str = Field(max_length=100)
     email: str = Field(default="", max_length=255)
-    status: str = Field(default="active", max_length=32, index=True)
+    certification: str = Field(default="", max_length=100)
+    status: str = Field(default="active", max_length=32, index=True)  # active|inactive|on_leave
+    meta: dict[str, Any] = metadata_field()
 
 
 class Inspector(SoftDeleted, table=True):
@@ -47,9 +50,11 @@ class Inspector(SoftDeleted, table=True):
     id: int | None = id_field()
     factory_id: int = fk_field("factories.id")
     name: str = Field(max_length=128)
-    inspector_id: str = Field(max_length=64)
-    certification_level: str = Field(default="", max_length=32)
+    inspector_id: str = Field(max_length=100)
+    email: str = Field(default="", max_length=255)
+    certification_level: str = Field(default="level_1", max_length=32)  # level_1|level_2|senior
     status: str = Field(default="active", max_length=32, index=True)
+    meta: dict[str, Any] = metadata_field()
 
 
 class User(SoftDeleted, table=True):

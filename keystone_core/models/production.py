@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index
+from sqlalchemy import JSON, Index, Text
 from sqlmodel import Field
 
 from keystone_core.models.base import (
@@ -14,9 +14,10 @@ from keystone_core.models.base import (
     enum_field,
     fk_field,
     id_field,
+    metadata_field,
     utc_field,
 )
-from keystone_core.models.enums import BatchStatus, OrderStatus, TaskStatus
+from keystone_core.models.enums import BatchStatus, OrderPriority, OrderStatus, TaskStatus
 
 
 class Order(SoftDeleted, table=True):
@@ -31,10 +32,10 @@ class Order(SoftDeleted, table=True):
     # Verified uploads and approved episodes (auto or inspector); complete at target.
     episode_count: int = Field(default=0)
     approved_count: int = Field(default=0)
-    priority: int = Field(default=0)
+    priority: OrderPriority = enum_field(OrderPriority, OrderPriority.NORMAL)
     status: OrderStatus = enum_field(OrderStatus, OrderStatus.CREATED, index=True)
     deadline: datetime | None = utc_field()
-    description: str = Field(default="", max_length=1024)
+    meta: dict[str, Any] = metadata_field()
     created_by_user_id: int | None = fk_field("users.id", nullable=True)
 
 
@@ -48,12 +49,15 @@ class Batch(SoftDeleted, table=True):
     factory_id: int = fk_field("factories.id")
     workstation_id: int | None = fk_field("workstations.id", nullable=True)
     name: str = Field(default="", max_length=128)
+    notes: str = Field(default="", sa_type=Text)
     target_count: int = Field(default=0, ge=0)
+    episode_count: int = Field(default=0, ge=0)
     status: BatchStatus = enum_field(BatchStatus, BatchStatus.PENDING, index=True)
     started_at: datetime | None = utc_field()
     ended_at: datetime | None = utc_field()
     recalled_at: datetime | None = utc_field()
     recall_reason: str = Field(default="", max_length=1024)
+    meta: dict[str, Any] = metadata_field()
 
 
 class Task(SoftDeleted, table=True):
@@ -85,7 +89,10 @@ class Task(SoftDeleted, table=True):
     config: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     min_duration_s: float | None = double_field(ge=0)
     max_duration_s: float | None = double_field(ge=0)
-    failure_reason: str = Field(default="", max_length=1024)
+    error_message: str = Field(default="", sa_type=Text)
+    assigned_at: datetime | None = utc_field()
+    ready_at: datetime | None = utc_field()
     started_at: datetime | None = utc_field()
-    finished_at: datetime | None = utc_field()
+    completed_at: datetime | None = utc_field()
     upload_acked_at: datetime | None = utc_field()
+    meta: dict[str, Any] = metadata_field()

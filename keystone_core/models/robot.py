@@ -14,6 +14,7 @@ from keystone_core.models.base import (
     enum_field,
     fk_field,
     id_field,
+    metadata_field,
     utc_field,
 )
 from keystone_core.models.enums import CredentialKind
@@ -23,11 +24,16 @@ class RobotType(SoftDeleted, table=True):
     __tablename__ = "robot_types"
 
     id: int | None = id_field()
-    name: str = Field(max_length=128, unique=True)
-    model: str = Field(default="", max_length=128)
+    name: str = Field(max_length=128)
+    # Devices register with the model name (``robot_type`` in the registration call).
+    model: str = Field(max_length=128, unique=True)
     manufacturer: str = Field(default="", max_length=128)
-    # QA expectations shared by every robot of the type (required topics, rates, limits).
-    required_topics: list[str] = Field(default_factory=list, sa_type=JSON)
+    end_effector: str = Field(default="", max_length=100)
+    sensor_suite: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    # Topics every episode of this type must contain (QA's required topics).
+    ros_topics: list[str] = Field(default_factory=list, sa_type=JSON)
+    capabilities: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    # QA thresholds of the type (rates, durations, weights).
     qa_config: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     description: str = Field(default="", max_length=1024)
 
@@ -54,8 +60,9 @@ class Robot(SoftDeleted, table=True):
     robot_type_id: int = fk_field("robot_types.id")
     device_id: str = Field(max_length=64, unique=True)
     name: str = Field(default="", max_length=128)
-    serial_number: str = Field(default="", max_length=128)
-    status: str = Field(default="active", max_length=32, index=True)
+    asset_id: str | None = Field(default=None, max_length=100)
+    status: str = Field(default="active", max_length=32, index=True)  # active|maintenance|retired
+    meta: dict[str, Any] = metadata_field()
     last_seen_at: datetime | None = utc_field()
 
 

@@ -39,14 +39,20 @@ def seed_demo(session: Session) -> DemoData:
             name="axon-demo-arm",
             model="Demo dual-arm",
             manufacturer="Demo Robotics",
-            required_topics=["/camera/head/image_raw/compressed", "/joint_states"],
+            ros_topics=["/camera/head/image_raw/compressed", "/joint_states"],
         )
         scene = Scene(name="Kitchen tabletop", description="Tabletop manipulation")
-        skill = Skill(name="pick_and_place", description="Pick an object and place it")
+        skill = Skill(slug="pick_and_place", description="Pick an object and place it")
         session.add_all([factory, robot_type, scene, skill])
         session.flush()
         session.add(Subscene(scene_id=scene.id, name="Cup to tray"))  # type: ignore[arg-type]
-        session.add(SOP(skill_id=skill.id, name="Pick and place v1", content="1. Approach ..."))
+        session.add(
+            SOP(
+                slug="pick-and-place",
+                description="Pick the cup, place it on the tray",
+                skill_sequence=["pick_and_place"],
+            )
+        )
         record_audit(
             session,
             Actor.system("demo-seed"),

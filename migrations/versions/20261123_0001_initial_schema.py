@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: afa818737f33
+Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 09:54:52.392614
+Create Date: 2026-11-23 10:19:30.538497
 """
 
 from collections.abc import Sequence
@@ -14,7 +14,7 @@ from alembic import op
 import keystone_core.db
 
 
-revision: str = 'afa818737f33'
+revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -29,6 +29,7 @@ def upgrade() -> None:
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('slug', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('settings', sa.JSON(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name'),
     sa.UniqueConstraint('slug')
@@ -45,11 +46,14 @@ def upgrade() -> None:
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('model', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('manufacturer', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-    sa.Column('required_topics', sa.JSON(), nullable=False),
+    sa.Column('end_effector', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+    sa.Column('sensor_suite', sa.JSON(), nullable=False),
+    sa.Column('ros_topics', sa.JSON(), nullable=False),
+    sa.Column('capabilities', sa.JSON(), nullable=False),
     sa.Column('qa_config', sa.JSON(), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('name')
+    sa.UniqueConstraint('model')
     )
     with op.batch_alter_table('robot_types', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_robot_types_created_at'), ['created_at'], unique=False)
@@ -60,14 +64,33 @@ def upgrade() -> None:
     sa.Column('updated_at', keystone_core.db.UTCDateTime(), nullable=False),
     sa.Column('deleted_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('slug', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+    sa.Column('version', sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('name')
+    sa.UniqueConstraint('slug', 'version', name='uq_skills_slug_version')
     )
     with op.batch_alter_table('skills', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_skills_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_skills_deleted_at'), ['deleted_at'], unique=False)
+
+    op.create_table('sops',
+    sa.Column('created_at', keystone_core.db.UTCDateTime(), nullable=False),
+    sa.Column('updated_at', keystone_core.db.UTCDateTime(), nullable=False),
+    sa.Column('deleted_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('slug', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+    sa.Column('version', sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+    sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('skill_sequence', sa.JSON(), nullable=False),
+    sa.Column('content', sa.Text(), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('slug', 'version', name='uq_sops_slug_version')
+    )
+    with op.batch_alter_table('sops', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_sops_created_at'), ['created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_sops_deleted_at'), ['deleted_at'], unique=False)
 
     op.create_table('factories',
     sa.Column('created_at', keystone_core.db.UTCDateTime(), nullable=False),
@@ -108,24 +131,6 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_robot_config_templates_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_robot_config_templates_robot_type_id'), ['robot_type_id'], unique=False)
 
-    op.create_table('sops',
-    sa.Column('created_at', keystone_core.db.UTCDateTime(), nullable=False),
-    sa.Column('updated_at', keystone_core.db.UTCDateTime(), nullable=False),
-    sa.Column('deleted_at', keystone_core.db.UTCDateTime(), nullable=True),
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('skill_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-    sa.Column('version', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
-    sa.Column('content', sa.Text(), nullable=False),
-    sa.ForeignKeyConstraint(['skill_id'], ['skills.id'], ondelete='RESTRICT'),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('name', 'version', name='uq_sops_name_version')
-    )
-    with op.batch_alter_table('sops', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_sops_created_at'), ['created_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_sops_deleted_at'), ['deleted_at'], unique=False)
-        batch_op.create_index(batch_op.f('ix_sops_skill_id'), ['skill_id'], unique=False)
-
     op.create_table('audit_log',
     sa.Column('created_at', keystone_core.db.UTCDateTime(), nullable=False),
     sa.Column('updated_at', keystone_core.db.UTCDateTime(), nullable=False),
@@ -158,10 +163,11 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('factory_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-    sa.Column('operator_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-    sa.Column('phone', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('operator_id', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
     sa.Column('email', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
+    sa.Column('certification', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('factory_id', 'operator_id', name='uq_data_collectors_operator')
@@ -179,9 +185,11 @@ def upgrade() -> None:
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('factory_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-    sa.Column('inspector_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('inspector_id', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+    sa.Column('email', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
     sa.Column('certification_level', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('factory_id', 'inspector_id', name='uq_inspectors_inspector_id')
@@ -222,8 +230,9 @@ def upgrade() -> None:
     sa.Column('robot_type_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('device_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
-    sa.Column('serial_number', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('asset_id', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.Column('last_seen_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['robot_type_id'], ['robot_types.id'], ondelete='RESTRICT'),
@@ -245,6 +254,7 @@ def upgrade() -> None:
     sa.Column('factory_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('initial_scene_layout_template', sa.Text(), nullable=False),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
@@ -299,6 +309,7 @@ def upgrade() -> None:
     sa.Column('scene_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
     sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('initial_scene_layout', sa.Text(), nullable=False),
     sa.ForeignKeyConstraint(['scene_id'], ['scenes.id'], ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('scene_id', 'name', name='uq_subscenes_scene_name')
@@ -343,7 +354,7 @@ def upgrade() -> None:
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
     sa.Column('robot_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('data_collector_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
-    sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['data_collector_id'], ['data_collectors.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['robot_id'], ['robots.id'], ondelete='RESTRICT'),
@@ -369,10 +380,10 @@ def upgrade() -> None:
     sa.Column('target_count', sa.Integer(), nullable=False),
     sa.Column('episode_count', sa.Integer(), nullable=False),
     sa.Column('approved_count', sa.Integer(), nullable=False),
-    sa.Column('priority', sa.Integer(), nullable=False),
+    sa.Column('priority', sa.Enum('low', 'normal', 'high', 'urgent', name='orderpriority', native_enum=False, length=32), nullable=False),
     sa.Column('status', sa.Enum('created', 'in_progress', 'paused', 'completed', 'cancelled', name='orderstatus', native_enum=False, length=32), nullable=False),
     sa.Column('deadline', keystone_core.db.UTCDateTime(), nullable=True),
-    sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.Column('created_by_user_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.ForeignKeyConstraint(['created_by_user_id'], ['users.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
@@ -430,12 +441,15 @@ def upgrade() -> None:
     sa.Column('factory_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('workstation_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
+    sa.Column('notes', sa.Text(), nullable=False),
     sa.Column('target_count', sa.Integer(), nullable=False),
+    sa.Column('episode_count', sa.Integer(), nullable=False),
     sa.Column('status', sa.Enum('pending', 'active', 'completed', 'cancelled', 'recalled', name='batchstatus', native_enum=False, length=32), nullable=False),
     sa.Column('started_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('ended_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('recalled_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('recall_reason', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['order_id'], ['orders.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['workstation_id'], ['workstations.id'], ondelete='RESTRICT'),
@@ -473,10 +487,13 @@ def upgrade() -> None:
     sa.Column('config', sa.JSON(), nullable=False),
     sa.Column('min_duration_s', sa.Double(), nullable=True),
     sa.Column('max_duration_s', sa.Double(), nullable=True),
-    sa.Column('failure_reason', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('error_message', sa.Text(), nullable=False),
+    sa.Column('assigned_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('ready_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('started_at', keystone_core.db.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('completed_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('upload_acked_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['data_collector_id'], ['data_collectors.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
@@ -522,19 +539,20 @@ def upgrade() -> None:
     sa.Column('status', sa.Enum('pending_qa', 'qa_running', 'auto_approved', 'needs_inspection', 'qa_failed', 'inspector_approved', 'rejected', name='episodestatus', native_enum=False, length=32), nullable=False),
     sa.Column('recording_date', sa.Date(), nullable=False),
     sa.Column('recording_started_at', keystone_core.db.UTCDateTime(), nullable=True),
-    sa.Column('duration_s', sa.Double(), nullable=True),
+    sa.Column('duration_sec', sa.Double(), nullable=True),
     sa.Column('bucket', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
-    sa.Column('mcap_key', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
-    sa.Column('sidecar_key', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=True),
-    sa.Column('size_bytes', sa.BigInteger(), nullable=True),
-    sa.Column('sha256', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+    sa.Column('mcap_path', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('sidecar_path', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=True),
+    sa.Column('file_size_bytes', sa.BigInteger(), nullable=True),
+    sa.Column('checksum', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('verified_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('qa_score', sa.Double(), nullable=True),
     sa.Column('qa_lease_owner', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('qa_lease_expires_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('approved_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('labels', sa.JSON(), nullable=False),
-    sa.Column('notes', sqlmodel.sql.sqltypes.AutoString(length=4096), nullable=False),
+    sa.Column('quality_flag', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=False),
+    sa.Column('metadata', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['order_id'], ['orders.id'], ondelete='RESTRICT'),
@@ -568,6 +586,7 @@ def upgrade() -> None:
     sa.Column('lease_expires_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('decision', sa.Enum('approved', 'rejected', name='inspectiondecision', native_enum=False, length=32), nullable=True),
     sa.Column('reason', sqlmodel.sql.sqltypes.AutoString(length=2048), nullable=False),
+    sa.Column('failed_tags', sa.JSON(), nullable=False),
     sa.Column('decided_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.ForeignKeyConstraint(['episode_id'], ['episodes.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['inspector_id'], ['inspectors.id'], ondelete='RESTRICT'),
@@ -674,9 +693,9 @@ def downgrade() -> None:
     op.drop_table('inspectors')
     op.drop_table('data_collectors')
     op.drop_table('audit_log')
-    op.drop_table('sops')
     op.drop_table('robot_config_templates')
     op.drop_table('factories')
+    op.drop_table('sops')
     op.drop_table('skills')
     op.drop_table('robot_types')
     op.drop_table('organizations')

@@ -1,0 +1,121 @@
+"""``keystone dev`` as a newcomer runs it: up, healthy, login works, Dagster sees the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from keystone_core.storage.embedded import free_port
+
+pytestmark = pytest.mark.integration
+
+GRAPHQL_LOCATIONS = (
+    "{ workspaceOrError { __typename ... on Workspace { locationEntries "
+    "{ name loadStatus locationOrLoadError { __typename } } } } }"
+)
+
+
+def start_dev(cwd: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYSTONE_", "DAGSTER_"))}
+    return subprocess.Popen(  # noqa: S603
+        [
+            sys.executable,
+            "-m",
+            "keystone_cli",
+            "dev",
+            "--api-port",
+            str(ports["api"]),
+            "--dagster-port",
+            str(ports["dagster"]),
+            "--s3-port",
+            str(ports["s3"]),
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_banner(process: subprocess.Popen[str], log: Path, timeout_s: float = 240) -> str:
+    output = ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        output = log.read_text(errors="replace")
+        if "Press Ctrl-C to stop." in output:
+            return output
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    pytest.fail(f"keystone dev did not come up:\n{output}")
+
+
+def stop_and_check_children(process: subprocess.Popen[str]) -> None:
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert descendants, "keystone dev started no child processes"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    _gone, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+def login(api: str, password: str) -> str:
+    response = httpx.post(
+        f"{api}/api/v1/auth/login", json={"account": "admin", "password": password}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+def test_dev_stack_comes_up_serves_and_restarts_on_the_same_data(tmp_path: Path) -> None:
+    ports = {"api": free_port(), "dagster": free_port(), "s3": free_port()}
+    api = f"http://127.0.0.1:{ports['api']}"
+    log = tmp_path / "dev.log"
+    process = start_dev(tmp_path, ports, log)
+    try:
+        banner = wait_for_banner(process, log)
+        assert f"{api}/api/v1" in banner
+        secrets = json.loads((tmp_path / ".keystone" / "dev-secrets.json").read_text())
+        assert secrets["admin_password"] in banner
+
+        health = httpx.get(f"{api}/api/v1/health", timeout=10)
+        assert health.status_code == 200, health.text
+        assert {c["status"] for c in health.json()["components"].values()} == {"up"}
+
+        token = login(api, secrets["admin_password"])
+        me = httpx.get(f"{api}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.json()["role"] == "admin"
+
+        graphql = httpx.post(
+            f"http://127.0.0.1:{ports['dagster']}/graphql",
+            json={"query": GRAPHQL_LOCATIONS},
+            timeout=30,
+        ).json()
+        entries = graphql["data"]["workspaceOrError"]["locationEntries"]
+        assert [(e["name"], e["loadStatus"]) for e in entries] == [("keystone_pipelines", "LOADED")]
+        assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+    finally:
+        if process.poll() is None:
+            stop_and_check_children(process)
+
+    # A second start reuses the data: same admin password, same demo rows, same buckets.
+    again = start_dev(tmp_path, ports, log)
+    try:
+        banner = wait_for_banner(again, log)
+        assert "buckets: edge-1" in banner
+        login(api, secrets["admin_password"])
+    finally:
+        if again.poll() is None:
+            stop_and_check_children(again)

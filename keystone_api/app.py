@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = create_db_engine(settings)
         app.state.s3 = create_s3_client(settings)
+        app.state.s3_probe = create_s3_client(settings, health=True)
         try:
             await run_in_threadpool(_prepare_database, settings, app)
             log.info("keystone api ready (env=%s)", settings.env.value)

@@ -32,7 +32,7 @@ def health(request: Request) -> JSONResponse:
     except KeystoneError as exc:
         components["database"] = ComponentHealth(status="down", detail=exc.message)
     try:
-        check_object_store(request.app.state.s3)
+        check_object_store(request.app.state.s3_probe)
         components["object_store"] = ComponentHealth(status="up")
     except KeystoneError as exc:
         components["object_store"] = ComponentHealth(status="down", detail=exc.message)

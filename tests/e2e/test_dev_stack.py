@@ -26,7 +26,7 @@ GRAPHQL_LOCATIONS = (
 
 def start_dev(cwd: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYSTONE_", "DAGSTER_"))}
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",

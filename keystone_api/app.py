@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from keystone_core.storage import create_s3_client
 from starlette.concurrency import run_in_threadpool
 
 from keystone_api.errors import install_error_handlers
@@ -17,6 +16,7 @@ from keystone_core import migrate
 from keystone_core.db import create_db_engine, session_scope
 from keystone_core.services.accounts import ensure_admin
 from keystone_core.settings import Settings, get_settings
+from keystone_core.storage import create_s3_client
 
 log = logging.getLogger("keystone.api")
 

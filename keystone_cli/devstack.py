@@ -15,7 +15,6 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
-from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
 from rich.console import Console
 
 from keystone_core import migrate
@@ -23,6 +22,7 @@ from keystone_core.db import create_db_engine, session_scope
 from keystone_core.services.accounts import ensure_admin
 from keystone_core.services.demo import seed_demo
 from keystone_core.settings import Settings, load_settings
+from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_DEV_CONFIG = """\

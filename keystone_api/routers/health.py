@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from keystone_core.storage import check_object_store
 
 from keystone_api.deps import get_engine, public
 from keystone_api.schemas import ComponentHealth, HealthResponse, LiveResponse
 from keystone_core.db import check_database
 from keystone_core.errors import KeystoneError
 from keystone_core.migrate import migration_status
+from keystone_core.storage import check_object_store
 
 router = APIRouter(prefix="/api/v1/health", tags=["health"])
 

@@ -14,6 +14,8 @@ from keystone_core.errors import ConfigurationError
 ENV_PREFIX = "KEYSTONE_"
 DEFAULT_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 (refused in production)
 DEFAULT_ADMIN_PASSWORD = "keystone-dev-admin"  # noqa: S105 (refused in production)
+# Example files (docker/.env.example) use this prefix; production refuses such values.
+PLACEHOLDER_PREFIX = "change-me"
 
 
 class Environment(StrEnum):
@@ -65,13 +67,22 @@ class Settings(BaseSettings):
         if self.env is not Environment.PRODUCTION:
             return self
         secret = self.secret_key.get_secret_value()
-        if not secret or secret == DEFAULT_SECRET_KEY or len(secret) < 32:
+        if (
+            not secret
+            or secret == DEFAULT_SECRET_KEY
+            or len(secret) < 32
+            or secret.startswith(PLACEHOLDER_PREFIX)
+        ):
             raise ValueError(
                 f"{ENV_PREFIX}SECRET_KEY must be set to a random value of at least 32 "
                 "characters in production"
             )
         password = self.admin_password.get_secret_value()
-        if not password or password == DEFAULT_ADMIN_PASSWORD:
+        if (
+            not password
+            or password == DEFAULT_ADMIN_PASSWORD
+            or password.startswith(PLACEHOLDER_PREFIX)
+        ):
             raise ValueError(f"{ENV_PREFIX}ADMIN_PASSWORD must be set in production")
         return self
 

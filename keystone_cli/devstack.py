@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -19,6 +18,7 @@ from rich.console import Console
 
 from keystone_core import migrate
 from keystone_core.db import create_db_engine, session_scope
+from keystone_core.local_secrets import load_or_create_secrets
 from keystone_core.services.accounts import ensure_admin
 from keystone_core.services.demo import seed_demo
 from keystone_core.settings import Settings, load_settings
@@ -55,21 +55,12 @@ retention:
 """
 
 
-def load_or_create_dev_secrets(path: Path) -> dict[str, str]:
-    """Generated once, reused on every later start so logins and S3 keys stay valid."""
-    if path.exists():
-        data: dict[str, str] = json.loads(path.read_text())
-        return data
-    data = {
-        "secret_key": secrets.token_urlsafe(48),
-        "admin_password": secrets.token_urlsafe(12),
-        "s3_access_key": "keystone" + secrets.token_hex(6),
-        "s3_secret_key": secrets.token_urlsafe(30),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(data, indent=2))
-    return data
+DEV_SECRETS = {
+    "secret_key": lambda: secrets.token_urlsafe(48),
+    "admin_password": lambda: secrets.token_urlsafe(12),
+    "s3_access_key": lambda: "KS" + secrets.token_hex(9).upper(),
+    "s3_secret_key": lambda: secrets.token_urlsafe(30),
+}
 
 
 @dataclass
@@ -102,7 +93,7 @@ class DevStack:
         signal.signal(signal.SIGINT, self._on_signal)
         s3: EmbeddedS3Server | None = None
         try:
-            secrets_ = load_or_create_dev_secrets(self.data_dir / "dev-secrets.json")
+            secrets_ = load_or_create_secrets(self.data_dir / "dev-secrets.json", DEV_SECRETS)
             s3 = EmbeddedS3Server(
                 data_dir=self.data_dir / "s3",
                 s3_port=self.s3_port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +72,18 @@ def _migration_lock(conn: Connection, lock_dir: Path, timeout_s: int) -> Iterato
         return
     lock_dir.mkdir(parents=True, exist_ok=True)
     with (lock_dir / "migrate.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KeystoneError(
+                        f"another process holds the migration lock for over {timeout_s}s",
+                        code="migration_lock_timeout",
+                    ) from None
+                time.sleep(0.1)
         try:
             yield
         finally:

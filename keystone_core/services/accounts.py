@@ -18,8 +18,15 @@ MIN_PASSWORD_LENGTH = 8
 INVALID_CREDENTIALS = "account or password is incorrect"
 
 
+def normalize_account(account: str) -> str:
+    """Accounts compare case- and space-insensitively on every database (MySQL's default
+    collation already does; SQLite does not), so they are stored and looked up normalized."""
+    return account.strip().lower()
+
+
 def authenticate(session: Session, account: str, password: str) -> User:
     """Return the active user for these credentials; one message for every failure."""
+    account = normalize_account(account)
     user = session.exec(
         select(User).where(User.account == account, col(User.deleted_at).is_(None))
     ).first()
@@ -89,7 +96,7 @@ def create_user(
     actor: Actor,
 ) -> User:
     """Create an account; its factory scope is stored with it in the same transaction."""
-    account = account.strip()
+    account = normalize_account(account)
     if not account:
         raise ValidationFailed("account must not be empty", code="invalid_account")
     _validate_password(password)
@@ -120,7 +127,7 @@ def create_user(
 
 def ensure_admin(session: Session, settings: Settings) -> User:
     """Create the admin account from settings, or bring its password and role in line."""
-    account = settings.admin_account
+    account = normalize_account(settings.admin_account)
     password = settings.admin_password.get_secret_value()
     user = session.exec(select(User).where(User.account == account)).first()
     actor = Actor.system("bootstrap")
@@ -133,10 +140,10 @@ def ensure_admin(session: Session, settings: Settings) -> User:
         "is_active": user.is_active,
         "deleted": user.deleted_at is not None,
     }
-    changed = False
-    if not verify_password(password, user.password_hash):
+    password_reset = not verify_password(password, user.password_hash)
+    changed = password_reset
+    if password_reset:
         user.password_hash = hash_password(password)
-        changed = True
     if user.role != Role.ADMIN or not user.is_active or user.deleted_at is not None:
         user.role, user.is_active, user.deleted_at = Role.ADMIN, True, None
         session.execute(delete(UserFactory).where(col(UserFactory.user_id) == user.id))
@@ -151,6 +158,6 @@ def ensure_admin(session: Session, settings: Settings) -> User:
             entity_type="user",
             entity_id=user.id or 0,
             before=before,
-            after={"role": Role.ADMIN.value, "is_active": True, "password_reset": True},
+            after={"role": Role.ADMIN.value, "is_active": True, "password_reset": password_reset},
         )
     return user

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from keystone_core import clock
@@ -22,7 +23,8 @@ def release_expired_qa_leases(session: Session, *, limit: int = 500) -> list[int
         select(Episode.id)
         .where(
             Episode.status == EpisodeStatus.QA_RUNNING,
-            col(Episode.qa_lease_expires_at) < now,
+            # A running episode without a lease was claimed by a broken path: recover it too.
+            or_(col(Episode.qa_lease_expires_at) < now, col(Episode.qa_lease_expires_at).is_(None)),
         )
         .order_by(col(Episode.qa_lease_expires_at))
         .limit(limit)

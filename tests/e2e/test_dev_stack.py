@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from keystone_core.storage.embedded import free_port
+from keystone_core.storage.embedded import free_tcp_ports
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def login(api: str, password: str) -> str:
 
 
 def test_dev_stack_comes_up_serves_and_restarts_on_the_same_data(tmp_path: Path) -> None:
-    ports = {"api": free_port(), "dagster": free_port(), "s3": free_port()}
+    ports = dict(zip(("api", "dagster", "s3"), free_tcp_ports(3), strict=True))
     api = f"http://127.0.0.1:{ports['api']}"
     log = tmp_path / "dev.log"
     process = start_dev(tmp_path, ports, log)

@@ -1,1 +1,1 @@
-"""Helpers shared by test fixtures."""
+"""Helpers that test fixtures build on (conftest.py holds the fixtures themselves)."""

@@ -97,7 +97,9 @@ def test_expired_and_foreign_tokens_are_401(client: TestClient, api_settings: Se
     assert expired.status_code == 401
     assert expired.json()["code"] == "token_expired"
     forged = jwt.encode(
-        {"sub": "1", "role": "admin", "exp": 4102444800, "jti": "x"}, "another-key", "HS256"
+        {"sub": "1", "role": "admin", "exp": 4102444800, "jti": "x"},
+        "another-key-of-sufficient-length-0123456789",
+        "HS256",
     )
     response = client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {forged}"})
     assert response.status_code == 401

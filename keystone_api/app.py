@@ -12,21 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from keystone_api.errors import install_error_handlers
 from keystone_api.middleware import RequestContextMiddleware
 from keystone_api.routers import auth, health, metrics
-from keystone_core import migrate
-from keystone_core.db import create_db_engine, session_scope
-from keystone_core.services.accounts import ensure_admin
+from keystone_core.db import create_db_engine
+from keystone_core.services.bootstrap import prepare_database
 from keystone_core.settings import Settings, get_settings
 from keystone_core.storage import create_s3_client
 
 log = logging.getLogger("keystone.api")
-
-
-def _prepare_database(settings: Settings, app: FastAPI) -> None:
-    engine = app.state.engine
-    if settings.migrate_on_start:
-        migrate.upgrade(engine, lock_dir=settings.data_dir)
-    with session_scope(engine) as session:
-        ensure_admin(session, settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.s3 = create_s3_client(settings)
         app.state.s3_probe = create_s3_client(settings, health=True)
         try:
-            await run_in_threadpool(_prepare_database, settings, app)
+            await run_in_threadpool(prepare_database, app.state.engine, settings)
             log.info("keystone api ready (env=%s)", settings.env.value)
             yield
         finally:

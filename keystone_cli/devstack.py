@@ -16,10 +16,9 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
-from keystone_core import migrate
 from keystone_core.db import create_db_engine, session_scope
 from keystone_core.local_secrets import load_or_create_secrets
-from keystone_core.services.accounts import ensure_admin
+from keystone_core.services.bootstrap import prepare_database
 from keystone_core.services.demo import seed_demo
 from keystone_core.settings import Settings, load_settings
 from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
@@ -147,9 +146,8 @@ class DevStack:
         self.console.print("migrating the database and seeding demo data …")
         engine = create_db_engine(settings)
         try:
-            migrate.upgrade(engine, lock_dir=settings.data_dir)
+            prepare_database(engine, settings)
             with session_scope(engine) as session:
-                ensure_admin(session, settings)
                 demo = seed_demo(session)
         finally:
             engine.dispose()

@@ -37,9 +37,18 @@ def api(
     """Serve the HTTP API (runs migrations on start unless KEYSTONE_MIGRATE_ON_START=false)."""
     import uvicorn
 
+    from keystone_core.db import create_db_engine
+    from keystone_core.services.bootstrap import prepare_database
     from keystone_core.settings import get_settings
 
     settings = get_settings()
+    # Fail here with one clear line (bad settings, database down) rather than inside the
+    # server's start-up; each worker repeats this cheaply (no pending migrations).
+    engine = create_db_engine(settings)
+    try:
+        prepare_database(engine, settings)
+    finally:
+        engine.dispose()
     uvicorn.run(
         "keystone_api.app:create_app",
         factory=True,

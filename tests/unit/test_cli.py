@@ -146,3 +146,14 @@ def test_production_refuses_default_secrets_with_one_line(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "KEYSTONE_SECRET_KEY" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_api_with_an_unreachable_database_exits_with_one_line(tmp_path: Path) -> None:
+    env = {
+        **sqlite_env(tmp_path),
+        "KEYSTONE_DATABASE_URL": "mysql+pymysql://root@127.0.0.1:1/keystone",
+    }
+    result = run_cli("api", "--port", "1", env=env)
+    assert result.returncode == 1
+    assert "database unreachable" in result.stderr
+    assert "Traceback" not in result.stderr

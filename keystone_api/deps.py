@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from keystone_core.db import session_scope
 from keystone_core.errors import AuthenticationError, PermissionDeniedError
 from keystone_core.models import Role, User
 from keystone_core.security import decode_access_token
@@ -31,13 +32,8 @@ def get_engine(request: Request) -> Engine:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request; commits when the handler returns, rolls back on error."""
-    with Session(get_engine(request), expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with session_scope(get_engine(request)) as session:
+        yield session
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

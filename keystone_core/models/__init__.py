@@ -1,6 +1,6 @@
 """Every table of Keystone; importing this package registers them all on SQLModel.metadata."""
 
-from keystone_core.models.audit import AuditLog, OutboxEvent, Webhook
+from keystone_core.models.audit import AuditLog, OutboxEvent, RevokedToken, Webhook
 from keystone_core.models.catalog import SOP, Scene, Skill, Subscene
 from keystone_core.models.enums import (
     BatchStatus,
@@ -51,6 +51,7 @@ __all__ = [
     "OutboxStatus",
     "QAResult",
     "QATier",
+    "RevokedToken",
     "Robot",
     "RobotConfigTemplate",
     "RobotType",

@@ -25,6 +25,9 @@ class AuditLog(Timestamped, table=True):
     actor_type: str = Field(max_length=32)  # user | device | system
     actor_id: str = Field(default="", max_length=64)
     actor_account: str = Field(default="", max_length=128)
+    # Server defaults let the migration add these to a filled table.
+    actor_role: str = Field(default="", max_length=32, sa_column_kwargs={"server_default": ""})
+    route: str = Field(default="", max_length=255, sa_column_kwargs={"server_default": ""})
     action: str = Field(max_length=64, index=True)
     entity_type: str = Field(max_length=64)
     entity_id: str = Field(max_length=64)
@@ -62,3 +65,13 @@ class OutboxEvent(Timestamped, table=True):
     next_attempt_at: dt.datetime | None = utc_field()
     delivered_at: dt.datetime | None = utc_field()
     last_error: str = Field(default="", max_length=2048)
+
+
+class RevokedToken(Timestamped, table=True):
+    """A signed-out access token (its ``jti``), refused until it would have expired anyway."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: str = Field(primary_key=True, max_length=64)
+    user_id: int | None = fk_field("users.id", nullable=True, ondelete="CASCADE")
+    expires_at: dt.datetime = utc_field(nullable=False, index=True)

@@ -18,6 +18,8 @@ class Actor:
     id: str = ""
     account: str = ""
     request_id: str | None = None
+    role: str = ""
+    route: str = ""
 
     @classmethod
     def system(cls, name: str = "keystone", request_id: str | None = None) -> Actor:
@@ -40,6 +42,8 @@ def record_audit(
         actor_type=actor.type,
         actor_id=actor.id,
         actor_account=actor.account,
+        actor_role=actor.role,
+        route=actor.route,
         action=action,
         entity_type=entity_type,
         entity_id=str(entity_id),

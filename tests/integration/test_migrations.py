@@ -56,7 +56,7 @@ def fresh_sqlite(tmp_path: Path) -> str:
 def schema_diff(engine: Engine) -> list[object]:
     with engine.connect() as conn:
         context = MigrationContext.configure(
-            conn, opts={"compare_type": True, "compare_server_default": True}
+            conn, opts={"compare_type": True}
         )
         return list(compare_metadata(context, SQLModel.metadata))
 

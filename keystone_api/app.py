@@ -6,12 +6,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from keystone_api.access import ROUTE_ACCESS
+from keystone_api.deps import authorize
 from keystone_api.errors import install_error_handlers
 from keystone_api.middleware import RequestContextMiddleware
-from keystone_api.routers import auth, health, metrics
+from keystone_api.routers import ROUTERS
 from keystone_core.db import create_db_engine
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.settings import Settings, get_settings
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine.dispose()
 
     app = FastAPI(
+        dependencies=[Depends(authorize)],
         title="Keystone",
         version="0.1.0",
         description="Edge data platform for robot data collection.",
@@ -48,6 +52,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
-    for router in (auth.router, health.router, metrics.router):
+    for router in ROUTERS:
         app.include_router(router)
+    check_access_table(app)
     return app
+
+
+def check_access_table(app: FastAPI) -> None:
+    """Refuse to build an app with a route that has no rule in ROUTE_ACCESS.
+
+    (Rules without a route are caught by the RBAC matrix test.)"""
+    missing = sorted(set(api_routes(app)) - ROUTE_ACCESS.keys())
+    if missing:
+        raise RuntimeError(f"routes without an access rule in keystone_api.access: {missing}")
+
+
+def api_routes(app: FastAPI) -> list[tuple[str, str]]:
+    """``(method, path template)`` of every API route."""
+    return sorted(
+        (method, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,12 +11,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from keystone_api.access import ROUTE_ACCESS, Public
 from keystone_core.db import session_scope
 from keystone_core.errors import AuthenticationError, PermissionDeniedError
 from keystone_core.models import Role, User
 from keystone_core.security import decode_access_token
-from keystone_core.services.accounts import get_active_user
+from keystone_core.services.accounts import get_active_user, is_token_revoked
 from keystone_core.services.audit import Actor
+from keystone_core.services.scope import Scope
 from keystone_core.settings import Settings
 
 
@@ -49,7 +51,10 @@ class Principal:
     user: User
     role: Role
     factory_ids: tuple[int, ...]
+    jti: str
+    expires_at: int
     request_id: str | None
+    route: str = ""
 
     @property
     def all_factories(self) -> bool:
@@ -59,20 +64,33 @@ class Principal:
         return self.all_factories or factory_id in self.factory_ids
 
     @property
+    def scope(self) -> Scope:
+        return Scope(
+            role=self.role,
+            factory_ids=None if self.all_factories else frozenset(self.factory_ids),
+            user_id=self.user.id,
+            data_collector_id=self.user.data_collector_id,
+            inspector_id=self.user.inspector_id,
+        )
+
+    @property
     def actor(self) -> Actor:
         return Actor(
             type="user",
             id=str(self.user.id),
             account=self.user.account,
             request_id=self.request_id,
+            role=self.role.value,
+            route=self.route,
         )
 
 
-def get_principal(
+def _authenticate(
     request: Request,
-    settings: SettingsDep,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    settings: Settings,
+    session: Session,
+    credentials: HTTPAuthorizationCredentials | None,
+    route: str,
 ) -> Principal:
     if credentials is None:
         raise AuthenticationError(
@@ -83,41 +101,54 @@ def get_principal(
         user_id = int(claims.sub)
     except ValueError:
         raise AuthenticationError("access token is invalid", code="invalid_token") from None
+    if is_token_revoked(session, claims.jti):
+        raise AuthenticationError("access token was signed out", code="token_revoked")
     user = get_active_user(session, user_id)
-    # The token's role and scope must still hold: a changed account needs a new login.
+    # The token's role must still hold: a changed account needs a new login.
     if user.role != claims.role:
         raise AuthenticationError("account role changed; sign in again", code="invalid_token")
     return Principal(
         user=user,
         role=claims.role,
         factory_ids=claims.factory_ids,
+        jti=claims.jti,
+        expires_at=claims.exp,
         request_id=getattr(request.state, "request_id", None),
+        route=route,
     )
 
 
-def allow(*roles: Role) -> Callable[..., Principal]:
-    """A dependency that admits only ``roles``; every non-public route declares one."""
-    allowed = frozenset(roles)
-
-    def dependency(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if principal.role not in allowed:
-            raise PermissionDeniedError(
-                f"role {principal.role.value} may not do this", code="forbidden"
-            )
-        return principal
-
-    dependency.allowed_roles = allowed  # type: ignore[attr-defined]
-    return dependency
-
-
-def public(reason: str) -> Callable[[], None]:
-    """Mark a route as deliberately unauthenticated (health, login, metrics, device bootstrap)."""
-
-    def dependency() -> None:
+def authorize(
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal | None:
+    """Apply the route's rule from :data:`keystone_api.access.ROUTE_ACCESS` to the caller."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", request.url.path)
+    rule = ROUTE_ACCESS.get((request.method, template))
+    if rule is None:  # create_app refuses such an app; this guards against HEAD and the like
+        raise PermissionDeniedError("no access rule for this route", code="forbidden")
+    if isinstance(rule, Public):
         return None
+    principal = _authenticate(
+        request, settings, session, credentials, f"{request.method} {template}"
+    )
+    if principal.role not in rule:
+        raise PermissionDeniedError(
+            f"role {principal.role.value} may not call {request.method} {template}",
+            code="forbidden",
+        )
+    return principal
 
-    dependency.public_reason = reason  # type: ignore[attr-defined]
-    return dependency
+
+def current_principal(
+    principal: Annotated[Principal | None, Depends(authorize)],
+) -> Principal:
+    if principal is None:
+        raise AuthenticationError("this route needs a signed-in caller", code="missing_token")
+    return principal
 
 
-ALL_ROLES = tuple(Role)
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
@@ -21,6 +21,13 @@ class LoginRequest(BaseModel):
 
     account: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)
 
 
 class TokenResponse(BaseModel):
@@ -53,3 +60,15 @@ class HealthResponse(BaseModel):
 
 class LiveResponse(BaseModel):
     status: str
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """Every list: one page of items and the total matching the filters."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int

@@ -230,13 +230,13 @@ def transition(
     if expected is not None and current not in expected:
         raise TransitionConflict(
             f"{machine.name} {row_id} is {current}, expected one of {', '.join(sorted(expected))}",
-            current=str(current),
+            current_status=str(current),
             target=str(target),
         )
     if not machine.is_allowed(current, target, requeue=requeue):
         raise TransitionConflict(
             machine.explain(current, target, requeue=requeue),
-            current=str(current),
+            current_status=str(current),
             target=str(target),
         )
     is_requeue = (current, target) in machine.requeues
@@ -255,7 +255,7 @@ def transition(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise TransitionConflict(
             f"{machine.name} {row_id} changed concurrently (was {current})",
-            current=str(current),
+            current_status=str(current),
             target=str(target),
         )
     if is_requeue and actor is not None:

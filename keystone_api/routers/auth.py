@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Response
 
-from fastapi import APIRouter, Depends
-
-from keystone_api.deps import ALL_ROLES, Principal, SessionDep, SettingsDep, allow, public
+from keystone_api.deps import CurrentPrincipal, SessionDep, SettingsDep
 from keystone_api.errors import ErrorBody
-from keystone_api.schemas import LoginRequest, MeResponse, TokenResponse
+from keystone_api.schemas import LoginRequest, MeResponse, PasswordChange, TokenResponse
 from keystone_core.models import Role
 from keystone_core.security import issue_access_token
-from keystone_core.services.accounts import authenticate, factory_ids_of
+from keystone_core.services.accounts import (
+    authenticate,
+    change_password,
+    factory_ids_of,
+    revoke_token,
+)
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
@@ -19,7 +22,6 @@ router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 @router.post(
     "/login",
     response_model=TokenResponse,
-    dependencies=[Depends(public("sign-in"))],
     responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
 )
 def login(body: LoginRequest, session: SessionDep, settings: SettingsDep) -> TokenResponse:
@@ -34,7 +36,7 @@ def login(body: LoginRequest, session: SessionDep, settings: SettingsDep) -> Tok
 
 
 @router.get("/me", response_model=MeResponse, responses={401: {"model": ErrorBody}})
-def me(principal: Annotated[Principal, Depends(allow(*ALL_ROLES))]) -> MeResponse:
+def me(principal: CurrentPrincipal) -> MeResponse:
     """The signed-in account, its role and factory scope (empty = all, admin only)."""
     user = principal.user
     return MeResponse(
@@ -46,3 +48,40 @@ def me(principal: Annotated[Principal, Depends(allow(*ALL_ROLES))]) -> MeRespons
         data_collector_id=None if user.data_collector_id is None else str(user.data_collector_id),
         inspector_id=None if user.inspector_id is None else str(user.inspector_id),
     )
+
+
+@router.post(
+    "/logout",
+    status_code=204,
+    response_class=Response,
+    responses={401: {"model": ErrorBody}},
+)
+def logout(principal: CurrentPrincipal, session: SessionDep) -> Response:
+    """Revoke this token (its ``jti``) until it expires."""
+    assert principal.user.id is not None
+    revoke_token(
+        session,
+        jti=principal.jti,
+        user_id=principal.user.id,
+        expires_at=principal.expires_at,
+        actor=principal.actor,
+    )
+    return Response(status_code=204)
+
+
+@router.post(
+    "/password",
+    status_code=204,
+    response_class=Response,
+    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+)
+def password(body: PasswordChange, principal: CurrentPrincipal, session: SessionDep) -> Response:
+    """Change the caller's own password (the current one is required)."""
+    change_password(
+        session,
+        principal.user,
+        current_password=body.current_password,
+        new_password=body.new_password,
+        actor=principal.actor,
+    )
+    return Response(status_code=204)

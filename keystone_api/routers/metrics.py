@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from keystone_api.deps import SettingsDep, public
+from keystone_api.deps import SettingsDep
 from keystone_core.errors import AuthenticationError
 
 router = APIRouter(tags=["metrics"])
@@ -16,7 +16,6 @@ router = APIRouter(tags=["metrics"])
 @router.get(
     "/metrics",
     response_class=Response,
-    dependencies=[Depends(public("scraped by Prometheus; KEYSTONE_METRICS_TOKEN protects it"))],
     responses={200: {"content": {"text/plain": {}}}, 401: {"description": "token required"}},
 )
 def metrics(request: Request, settings: SettingsDep) -> Response:

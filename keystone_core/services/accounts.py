@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
 from keystone_core import clock
 from keystone_core.errors import AuthenticationError, ConflictError, NotFoundError, ValidationFailed
-from keystone_core.models import Factory, Role, User, UserFactory
+from keystone_core.models import Factory, RevokedToken, Role, User, UserFactory
 from keystone_core.security import hash_password, password_needs_rehash, verify_password
 from keystone_core.services.audit import Actor, record_audit
 from keystone_core.settings import Settings
@@ -161,3 +162,45 @@ def ensure_admin(session: Session, settings: Settings) -> User:
             after={"role": Role.ADMIN.value, "is_active": True, "password_reset": password_reset},
         )
     return user
+
+
+def is_token_revoked(session: Session, jti: str) -> bool:
+    return session.get(RevokedToken, jti) is not None
+
+
+def revoke_token(
+    session: Session, *, jti: str, user_id: int, expires_at: int, actor: Actor
+) -> None:
+    """Sign a token out: refused from now on until it would have expired anyway."""
+    if session.get(RevokedToken, jti) is None:
+        session.add(
+            RevokedToken(
+                jti=jti, user_id=user_id, expires_at=datetime.fromtimestamp(expires_at, UTC)
+            )
+        )
+        record_audit(session, actor, "auth.logout", entity_type="user", entity_id=user_id)
+
+
+def purge_expired_revocations(session: Session) -> int:
+    """Drop deny-list rows of tokens that have expired (they are refused anyway)."""
+    result = session.execute(delete(RevokedToken).where(col(RevokedToken.expires_at) < clock.now()))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def change_password(
+    session: Session, user: User, *, current_password: str, new_password: str, actor: Actor
+) -> None:
+    if not verify_password(current_password, user.password_hash):
+        raise AuthenticationError("current password is incorrect", code="invalid_credentials")
+    _validate_password(new_password)
+    user.password_hash = hash_password(new_password)
+    user.updated_at = clock.now()
+    session.add(user)
+    record_audit(
+        session,
+        actor,
+        "user.password_change",
+        entity_type="user",
+        entity_id=user.id or 0,
+        after={"password": "changed"},
+    )

@@ -238,7 +238,7 @@ def test_every_undocumented_pair_is_refused_even_as_a_requeue(session: Session, 
             try:
                 case.move(session, row_id, target, requeue=True, actor=ADMIN)
             except TransitionConflict as exc:
-                if exc.details != {"current": str(source), "target": str(target)}:
+                if exc.details != {"current_status": str(source), "target": str(target)}:
                     problems.append(f"{source} → {target}: refused without details")
             else:
                 problems.append(f"{source} → {target}")

@@ -1,0 +1,97 @@
+"""Who may call what: the one table of every route and the roles it admits.
+
+``create_app`` refuses to start when a route has no entry here (or an entry names no
+route), and the RBAC matrix test iterates this table, so a route can never be added
+without deciding who may call it. A row of another factory is answered 404 by the
+services, never 403, so existence does not leak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keystone_core.models import Role
+
+
+@dataclass(frozen=True)
+class Public:
+    """A route deliberately open without credentials, with the reason why."""
+
+    reason: str
+
+
+Rule = frozenset[Role] | Public
+
+ADMIN = frozenset({Role.ADMIN})
+MANAGERS = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER})
+PRODUCTION = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER, Role.DATA_COLLECTOR})
+QUALITY = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER, Role.DATA_INSPECTOR})
+EVERYONE = frozenset(Role)
+
+
+def _crud(
+    base: str, *, read: frozenset[Role], write: frozenset[Role], update: str = "PUT"
+) -> dict[tuple[str, str], Rule]:
+    item = f"{base}/{{id}}"
+    return {
+        ("GET", base): read,
+        ("POST", base): write,
+        ("GET", item): read,
+        (update, item): write,
+        ("DELETE", item): write,
+    }
+
+
+V1 = "/api/v1"
+
+ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
+    # Open by design.
+    ("POST", f"{V1}/auth/login"): Public("sign-in (rate-limited)"),
+    ("GET", f"{V1}/health"): Public("readiness probe for load balancers and operators"),
+    ("GET", f"{V1}/health/live"): Public("liveness probe"),
+    ("GET", "/metrics"): Public("Prometheus scrape; KEYSTONE_METRICS_TOKEN protects it"),
+    ("GET", f"{V1}/robot_types/{{id}}/configs/{{filename}}"): Public(
+        "axon-config downloads rendered templates without credentials; no secrets inside"
+    ),
+    # The caller's own account.
+    ("GET", f"{V1}/auth/me"): EVERYONE,
+    ("POST", f"{V1}/auth/logout"): EVERYONE,
+    ("POST", f"{V1}/auth/password"): EVERYONE,
+    # Organization and sites.
+    **_crud(f"{V1}/organizations", read=EVERYONE, write=ADMIN),
+    **_crud(f"{V1}/factories", read=EVERYONE, write=ADMIN),
+    **_crud(f"{V1}/stations", read=PRODUCTION, write=MANAGERS),
+    ("POST", f"{V1}/stations/lookup"): PRODUCTION,
+    # Robots.
+    **_crud(f"{V1}/robot_types", read=EVERYONE, write=ADMIN),
+    ("GET", f"{V1}/robot_types/{{id}}/config_templates"): MANAGERS,
+    ("GET", f"{V1}/robot_types/{{id}}/config_templates/{{filename}}"): MANAGERS,
+    ("PUT", f"{V1}/robot_types/{{id}}/config_templates/{{filename}}"): ADMIN,
+    ("DELETE", f"{V1}/robot_types/{{id}}/config_templates/{{filename}}"): ADMIN,
+    **_crud(f"{V1}/robots", read=PRODUCTION, write=MANAGERS),
+    ("GET", f"{V1}/robots/{{id}}/workstation_history"): MANAGERS,
+    # People.
+    **_crud(f"{V1}/data_collectors", read=MANAGERS, write=MANAGERS),
+    **_crud(f"{V1}/inspectors", read=QUALITY, write=MANAGERS),
+    **_crud(f"{V1}/users", read=ADMIN, write=ADMIN),
+    # Catalog.
+    **_crud(f"{V1}/scenes", read=EVERYONE, write=MANAGERS),
+    **_crud(f"{V1}/subscenes", read=EVERYONE, write=MANAGERS),
+    **_crud(f"{V1}/skills", read=EVERYONE, write=MANAGERS),
+    **_crud(f"{V1}/sops", read=EVERYONE, write=MANAGERS),
+    # Production.
+    **_crud(f"{V1}/orders", read=MANAGERS, write=MANAGERS),
+    **_crud(f"{V1}/batches", read=PRODUCTION, write=MANAGERS, update="PATCH"),
+    ("GET", f"{V1}/batches/{{id}}/tasks"): PRODUCTION,
+    ("POST", f"{V1}/batches/{{id}}/tasks"): MANAGERS,
+    ("POST", f"{V1}/batches/{{id}}/recall"): MANAGERS,
+    ("GET", f"{V1}/tasks"): PRODUCTION,
+    ("GET", f"{V1}/tasks/{{id}}"): PRODUCTION,
+    ("DELETE", f"{V1}/tasks/{{id}}"): MANAGERS,
+    # Episodes.
+    ("GET", f"{V1}/episodes"): QUALITY | {Role.DATA_COLLECTOR},
+    ("GET", f"{V1}/episodes/{{id}}"): QUALITY | {Role.DATA_COLLECTOR},
+    ("PATCH", f"{V1}/episodes/{{id}}"): QUALITY,
+    # Audit.
+    ("GET", f"{V1}/audit"): ADMIN,
+}

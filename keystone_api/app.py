@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +15,7 @@ from keystone_api.access import ROUTE_ACCESS
 from keystone_api.deps import authorize
 from keystone_api.errors import install_error_handlers
 from keystone_api.middleware import RequestContextMiddleware
+from keystone_api.ratelimits import install_rate_limiters
 from keystone_api.routers import ROUTERS
 from keystone_core.db import create_db_engine
 from keystone_core.services.bootstrap import prepare_database
@@ -50,6 +52,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    install_rate_limiters(app, settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
     for router in ROUTERS:

@@ -23,6 +23,7 @@ from keystone_core.errors import (
     PermissionDeniedError,
     ValidationFailed,
 )
+from keystone_core.ratelimit import RateLimited
 
 log = logging.getLogger("keystone.api")
 
@@ -32,6 +33,7 @@ STATUS_BY_ERROR: tuple[tuple[type[KeystoneError], int], ...] = (
     (NotFoundError, 404),
     (ConflictError, 409),
     (ValidationFailed, 422),
+    (RateLimited, 429),
     (DependencyUnavailable, 503),
     (ConfigurationError, 500),
 )
@@ -83,6 +85,8 @@ async def _keystone_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, KeystoneError)
     status = status_for(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     return error_response(status, exc.code, exc.message, exc.details or None, headers)
 
 

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Browser origins allowed to call the API (Synapse), JSON list: ["https://…"].',
+    )
+    login_rate_per_minute: int = Field(
+        10, ge=1, le=10_000, description="Sign-in attempts per client IP and per account."
+    )
     metrics_token: SecretStr | None = Field(None, description="If set, /metrics needs it.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 

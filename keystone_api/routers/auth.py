@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from keystone_api.deps import CurrentPrincipal, SessionDep, SettingsDep
 from keystone_api.errors import ErrorBody
+from keystone_api.ratelimits import LOGIN, client_ip, hit
 from keystone_api.schemas import LoginRequest, MeResponse, PasswordChange, TokenResponse
 from keystone_core.models import Role
 from keystone_core.security import issue_access_token
@@ -13,6 +14,7 @@ from keystone_core.services.accounts import (
     authenticate,
     change_password,
     factory_ids_of,
+    normalize_account,
     revoke_token,
 )
 
@@ -22,10 +24,18 @@ router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 @router.post(
     "/login",
     response_model=TokenResponse,
-    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
 )
-def login(body: LoginRequest, session: SessionDep, settings: SettingsDep) -> TokenResponse:
-    """Exchange account and password for a bearer token."""
+def login(
+    body: LoginRequest, request: Request, session: SessionDep, settings: SettingsDep
+) -> TokenResponse:
+    """Exchange account and password for a bearer token (rate-limited per IP and account)."""
+    hit(
+        request,
+        LOGIN,
+        f"login:ip:{client_ip(request)}",
+        f"login:account:{normalize_account(body.account)}",
+    )
     user = authenticate(session, body.account, body.password)
     assert user.id is not None
     scope = factory_ids_of(session, user.id)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import jwt
 import pytest
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from keystone_api.app import create_app
+from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_api.app import check_access_table, create_app
 from keystone_core import clock
 from keystone_core.db import create_db_engine, session_scope
 from keystone_core.models import Factory, Organization, Role
@@ -223,27 +223,91 @@ def test_metrics_token_protects_metrics(tmp_path: Path) -> None:
         assert ok.status_code == 200
 
 
-def test_every_route_is_either_role_listed_or_deliberately_public(client: TestClient) -> None:
-    """The rule of DESIGN.md: no route without an explicit role list, except named public ones."""
-    public_paths = {"/api/v1/auth/login", "/api/v1/health", "/api/v1/health/live", "/metrics"}
-    for route in client.app.routes:  # type: ignore[attr-defined]
-        if not isinstance(route, APIRoute):
-            continue
-        calls = [d.call for d in _walk(route.dependant)]
-        roles = [c for c in calls if hasattr(c, "allowed_roles")]
-        publics = [c for c in calls if hasattr(c, "public_reason")]
-        assert roles or publics, f"{route.path} has neither a role list nor a public marker"
-        if publics:
-            assert route.path in public_paths, f"{route.path} is public but not on the list"
+def test_the_open_routes_are_exactly_the_designed_ones() -> None:
+    """DESIGN.md: every route needs a role list except health, login, metrics and the
+    robot-type config download that axon-config calls without credentials."""
+    public = {key for key, rule in ROUTE_ACCESS.items() if isinstance(rule, Public)}
+    assert public == {
+        ("POST", "/api/v1/auth/login"),
+        ("GET", "/api/v1/health"),
+        ("GET", "/api/v1/health/live"),
+        ("GET", "/metrics"),
+        ("GET", "/api/v1/robot_types/{id}/configs/{filename}"),
+    }
 
 
-def _walk(dependant: object) -> Iterator[object]:
-    for dep in getattr(dependant, "dependencies", []):
-        yield dep
-        yield from _walk(dep)
+def test_an_app_with_a_route_lacking_an_access_rule_refuses_to_build(
+    api_settings: Settings,
+) -> None:
+    app = create_app(api_settings)
+    app.add_api_route("/api/v1/forgotten", lambda: {}, methods=["GET"])
+    with pytest.raises(RuntimeError, match="/api/v1/forgotten"):
+        check_access_table(app)
 
 
 def test_openapi_declares_error_responses(client: TestClient) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     login_responses = spec["paths"]["/api/v1/auth/login"]["post"]["responses"]
     assert {"200", "401", "422"} <= set(login_responses)
+
+
+def test_logout_revokes_the_token_until_it_expires(client: TestClient) -> None:
+    token = login(client, "admin", ADMIN_PASSWORD)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.post("/api/v1/auth/logout", headers=headers).status_code == 204
+    after = client.get("/api/v1/auth/me", headers=headers)
+    assert after.status_code == 401
+    assert after.json()["code"] == "token_revoked"
+    fresh = login(client, "admin", ADMIN_PASSWORD)
+    assert client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {fresh}"}).is_success
+
+
+def test_password_change_needs_the_current_password(client: TestClient) -> None:
+    headers = {"Authorization": f"Bearer {login(client, 'admin', ADMIN_PASSWORD)}"}
+    wrong = client.post(
+        "/api/v1/auth/password",
+        json={"current_password": "not-it", "new_password": "new-password-1"},
+        headers=headers,
+    )
+    assert wrong.status_code == 401
+    short = client.post(
+        "/api/v1/auth/password",
+        json={"current_password": ADMIN_PASSWORD, "new_password": "short"},
+        headers=headers,
+    )
+    assert short.status_code == 422
+    ok = client.post(
+        "/api/v1/auth/password",
+        json={"current_password": ADMIN_PASSWORD, "new_password": "new-password-1"},
+        headers=headers,
+    )
+    assert ok.status_code == 204
+    login(client, "admin", "new-password-1")
+    old = client.post("/api/v1/auth/login", json={"account": "admin", "password": ADMIN_PASSWORD})
+    assert old.status_code == 401
+
+
+def test_login_is_rate_limited_with_retry_after(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, login_rate_per_minute=3)
+    with TestClient(create_app(settings)) as c:
+        for _ in range(3):
+            response = c.post("/api/v1/auth/login", json={"account": "x", "password": "y"})
+            assert response.status_code == 401
+        limited = c.post("/api/v1/auth/login", json={"account": "admin", "password": "y"})
+        assert limited.status_code == 429
+        assert limited.json()["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+
+
+def test_cors_admits_only_configured_origins(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, cors_origins=["https://synapse.example"])
+    with TestClient(create_app(settings)) as c:
+        preflight = {"Access-Control-Request-Method": "GET"}
+        allowed = c.options(
+            "/api/v1/auth/me", headers={"Origin": "https://synapse.example", **preflight}
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://synapse.example"
+        refused = c.options(
+            "/api/v1/auth/me", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in refused.headers

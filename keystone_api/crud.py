@@ -14,7 +14,7 @@ from sqlmodel import SQLModel
 
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.errors import ErrorBody
-from keystone_api.schemas import Page
+from keystone_api.schemas import Page, RowId
 from keystone_core.services import crud
 
 M = TypeVar("M", bound=SQLModel)
@@ -32,6 +32,9 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
 }
 
 
+MAX_OFFSET = 1_000_000_000
+
+
 def no_filters() -> list[ColumnElement[bool]]:
     return []
 
@@ -44,7 +47,7 @@ class Paging:
         limit: Annotated[
             int, Query(ge=1, description="Page size; values above 100 give 100.")
         ] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
         include_deleted: Annotated[bool, Query(description="Also list soft-deleted rows.")] = False,
     ) -> None:
         self.limit = crud.clamp_limit(limit)
@@ -106,7 +109,7 @@ def add_crud_routes(
         name=f"{entity}.list",
     )
 
-    def get_item(id: int, principal: CurrentPrincipal, session: SessionDep) -> Any:
+    def get_item(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Any:
         return to_public(crud.get_row(session, family, principal.scope, id))
 
     router.add_api_route(
@@ -146,7 +149,7 @@ def add_crud_routes(
         update_model = update
 
         def update_item(
-            id: int,
+            id: RowId,
             body: update_model,  # type: ignore[valid-type]
             principal: CurrentPrincipal,
             session: SessionDep,
@@ -168,7 +171,7 @@ def add_crud_routes(
     if delete:
 
         def delete_item(
-            id: int,
+            id: RowId,
             principal: CurrentPrincipal,
             session: SessionDep,
         ) -> Response:

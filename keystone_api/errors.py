@@ -11,6 +11,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keystone_core.errors import (
@@ -101,9 +102,17 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # Bytes that are not UTF-8 JSON: the same answer as any other malformed JSON.
+        return error_response(422, "invalid_json", "request body is not valid JSON")
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def _out_of_range(_request: Request, exc: Exception) -> JSONResponse:
+    # A number the schema admits but the database cannot hold (e.g. an id beyond BIGINT).
+    return error_response(422, "value_out_of_range", "a value is out of the accepted range")
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -115,4 +124,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KeystoneError, _keystone_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _out_of_range)
+    app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(Exception, _unexpected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 from keystone_core.models import Role
@@ -14,6 +15,11 @@ def _to_str(value: Any) -> str:
 
 
 IdStr = Annotated[str, BeforeValidator(_to_str), PlainSerializer(str, return_type=str)]
+
+
+MAX_ROW_ID = 2**63 - 1
+# A row id in a path: positive and within BIGINT, so no database ever sees a wild number.
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="The row's numeric id.")]
 
 
 class LoginRequest(BaseModel):

@@ -1,0 +1,76 @@
+"""No N+1: every list route runs the same number of queries for a page of 1 and of 2 rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+from sqlmodel import Session
+
+from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_core.models import Role
+from tests.integration.test_rbac_matrix import app_settings, build_world, client  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def counting(engine: Engine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def list_routes() -> list[str]:
+    return sorted(
+        path
+        for (method, path), rule in ROUTE_ACCESS.items()
+        if method == "GET"
+        and "{" not in path
+        and not isinstance(rule, Public)
+        and Role.ADMIN in rule
+        and path != "/api/v1/auth/me"
+    )
+
+
+def test_list_routes_query_count_does_not_grow_with_the_page(
+    client: TestClient,  # noqa: F811
+    mariadb_engine: Engine,
+) -> None:
+    with Session(mariadb_engine) as session:
+        build_world(session, "a")
+        build_world(session, "b")
+        session.commit()
+    token = client.post(
+        "/api/v1/auth/login", json={"account": "admin", "password": "test-admin-password"}
+    ).json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    engine: Engine = client.app.state.engine  # type: ignore[attr-defined]
+    growing: list[str] = []
+    compared: list[str] = []
+    for path in list_routes():
+        counts = []
+        for limit in (1, 2):
+            with counting(engine) as statements:
+                response = client.get(path, params={"limit": limit}, headers=headers)
+            assert response.status_code == 200, f"{path}: {response.text}"
+            counts.append(len(statements))
+        if len(client.get(path, params={"limit": 2}, headers=headers).json()["items"]) < 2:
+            continue  # fewer than two rows: nothing to compare (audit has many, users have 3)
+        compared.append(path)
+        if counts[1] != counts[0]:
+            growing.append(f"{path}: {counts[0]} queries for 1 row, {counts[1]} for 2")
+    assert not growing, "\n".join(growing)
+    # Two worlds give every family at least two rows; a list left out would hide an N+1.
+    assert len(compared) >= len(list_routes()) - 1, sorted(set(list_routes()) - set(compared))

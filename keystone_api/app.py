@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.concurrency import run_in_threadpool
 
 from keystone_api.access import ROUTE_ACCESS
@@ -80,10 +80,10 @@ def check_access_table(app: FastAPI) -> None:
 
 
 def api_routes(app: FastAPI) -> list[tuple[str, str]]:
-    """``(method, path template)`` of every API route."""
+    """``(method, path template)`` of every API route, included routers resolved."""
     return sorted(
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        for method in route.methods or ()
+        (method, context.path)
+        for context in iter_route_contexts(app.routes)
+        if isinstance(context.original_route, APIRoute) and context.path is not None
+        for method in context.methods or ()
     )

@@ -16,7 +16,7 @@ from keystone_core.db import session_scope
 from keystone_core.errors import AuthenticationError, PermissionDeniedError
 from keystone_core.models import Role, User
 from keystone_core.security import decode_access_token
-from keystone_core.services.accounts import get_active_user, is_token_revoked
+from keystone_core.services.accounts import factory_ids_of, get_active_user, is_token_revoked
 from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.settings import Settings
@@ -107,6 +107,8 @@ def _authenticate(
     # The token's role must still hold: a changed account needs a new login.
     if user.role != claims.role:
         raise AuthenticationError("account role changed; sign in again", code="invalid_token")
+    if sorted(claims.factory_ids) != factory_ids_of(session, user_id):
+        raise AuthenticationError("factory scope changed; sign in again", code="invalid_token")
     return Principal(
         user=user,
         role=claims.role,

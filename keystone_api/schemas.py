@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Self, TypeVar
 
 from fastapi import Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    model_validator,
+)
 
 from keystone_core.models import Role
 
@@ -20,6 +28,27 @@ IdStr = Annotated[str, BeforeValidator(_to_str), PlainSerializer(str, return_typ
 MAX_ROW_ID = 2**63 - 1
 # A row id in a path: positive and within BIGINT, so no database ever sees a wild number.
 RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="The row's numeric id.")]
+
+
+# Rows store the JSON column as ``meta``; the API calls it ``metadata``.
+Metadata = Annotated[dict[str, Any], Field(validation_alias=AliasChoices("meta", "metadata"))]
+
+
+class PartialUpdate(BaseModel):
+    """A partial update: omitted fields stay; ``null`` only where the column allows it."""
+
+    model_config = ConfigDict(extra="forbid")
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_null(self) -> Self:
+        # Refused here so the 422 names the field before any database work.
+        bad = sorted(
+            n for n in self.model_fields_set if getattr(self, n) is None and n not in self.nullable
+        )
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be null")
+        return self
 
 
 class LoginRequest(BaseModel):

@@ -28,8 +28,9 @@ MARIADB_HOST = os.environ.get("KEYSTONE_TEST_MARIADB_HOST", "127.0.0.1")
 MARIADB_PORT = int(os.environ.get("KEYSTONE_TEST_MARIADB_PORT", "3306"))
 MARIADB_USER = os.environ.get("KEYSTONE_TEST_MARIADB_USER", "root")
 MARIADB_PASSWORD = os.environ.get("KEYSTONE_TEST_MARIADB_PASSWORD", "")
-TEST_DB = "keystone_test"
-TEST_DAGSTER_DB = "keystone_dagster_test"
+# Override to run two suites side by side on one MariaDB (each drops and recreates its own).
+TEST_DB = os.environ.get("KEYSTONE_TEST_DATABASE", "keystone_test")
+TEST_DAGSTER_DB = TEST_DB.replace("keystone_", "keystone_dagster_", 1)
 
 hypothesis_settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]

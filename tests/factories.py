@@ -9,13 +9,22 @@ from typing import Any
 from sqlmodel import Session, SQLModel
 
 from keystone_core.models import (
+    SOP,
     Batch,
+    DataCollector,
     Episode,
     Factory,
+    Inspector,
     Order,
     Organization,
+    Robot,
+    RobotType,
+    Scene,
+    Skill,
+    Subscene,
     SyncJob,
     Task,
+    Workstation,
 )
 
 _sequence = itertools.count(1)
@@ -132,3 +141,86 @@ def make_sync_job(session: Session, **overrides: Any) -> SyncJob:
     values: dict[str, Any] = {"episode_id": episode.id, "factory_id": episode.factory_id}
     values.update(overrides)
     return _add(session, SyncJob(**values))  # type: ignore[no-any-return]
+
+
+def make_robot_type(session: Session, **overrides: Any) -> RobotType:
+    n = _next()
+    values: dict[str, Any] = {"name": f"Robot type {n}", "model": f"model-{n}"}
+    values.update(overrides)
+    return _add(session, RobotType(**values))  # type: ignore[no-any-return]
+
+
+def make_robot(session: Session, **overrides: Any) -> Robot:
+    """A robot in ``factory_id`` (a new factory when not given) of a new or given type."""
+    n = _next()
+    if "factory_id" not in overrides:
+        overrides["factory_id"] = make_factory(session).id
+    if "robot_type_id" not in overrides:
+        overrides["robot_type_id"] = make_robot_type(session).id
+    values: dict[str, Any] = {"device_id": f"device-{n}", "name": f"Robot {n}"}
+    values.update(overrides)
+    return _add(session, Robot(**values))  # type: ignore[no-any-return]
+
+
+def make_data_collector(session: Session, **overrides: Any) -> DataCollector:
+    n = _next()
+    if "factory_id" not in overrides:
+        overrides["factory_id"] = make_factory(session).id
+    values: dict[str, Any] = {"name": f"Collector {n}", "operator_id": f"op-{n}"}
+    values.update(overrides)
+    return _add(session, DataCollector(**values))  # type: ignore[no-any-return]
+
+
+def make_workstation(session: Session, **overrides: Any) -> Workstation:
+    """A station in ``factory_id`` (a new factory when not given); no robot or collector."""
+    n = _next()
+    if "factory_id" not in overrides:
+        overrides["factory_id"] = make_factory(session).id
+    values: dict[str, Any] = {"name": f"Station {n}"}
+    values.update(overrides)
+    return _add(session, Workstation(**values))  # type: ignore[no-any-return]
+
+
+def make_inspector(session: Session, **overrides: Any) -> Inspector:
+    n = _next()
+    if "factory_id" not in overrides:
+        overrides["factory_id"] = make_factory(session).id
+    values: dict[str, Any] = {"name": f"Inspector {n}", "inspector_id": f"qa-{n}"}
+    values.update(overrides)
+    return _add(session, Inspector(**values))  # type: ignore[no-any-return]
+
+
+def make_scene(session: Session, **overrides: Any) -> Scene:
+    """A scene of ``factory_id`` (global when given None; a new factory when not given)."""
+    n = _next()
+    if "factory_id" not in overrides:
+        overrides["factory_id"] = make_factory(session).id
+    values: dict[str, Any] = {"name": f"Scene {n}"}
+    values.update(overrides)
+    return _add(session, Scene(**values))  # type: ignore[no-any-return]
+
+
+def make_subscene(session: Session, **overrides: Any) -> Subscene:
+    n = _next()
+    if "scene_id" not in overrides:
+        overrides["scene_id"] = make_scene(session).id
+    values: dict[str, Any] = {"name": f"Subscene {n}"}
+    values.update(overrides)
+    return _add(session, Subscene(**values))  # type: ignore[no-any-return]
+
+
+def make_skill(session: Session, **overrides: Any) -> Skill:
+    n = _next()
+    values: dict[str, Any] = {"slug": f"skill-{n}"}
+    values.update(overrides)
+    return _add(session, Skill(**values))  # type: ignore[no-any-return]
+
+
+def make_sop(session: Session, **overrides: Any) -> SOP:
+    """An SOP; its ``skill_sequence`` defaults to one new skill."""
+    n = _next()
+    if "skill_sequence" not in overrides:
+        overrides["skill_sequence"] = [make_skill(session).slug]
+    values: dict[str, Any] = {"slug": f"sop-{n}"}
+    values.update(overrides)
+    return _add(session, SOP(**values))  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ from keystone_core.models import (
     Order,
     Organization,
     Robot,
+    UserFactory,
     Workstation,
 )
 from keystone_core.services.crud import Family, Guard
@@ -62,6 +63,7 @@ FACTORIES = Family(
         Guard(DataCollector, "factory_id", "data collectors"),
         Guard(Inspector, "factory_id", "inspectors"),
         Guard(Order, "factory_id", "orders"),
+        Guard(UserFactory, "factory_id", "user accounts"),
     ),
 )
 

@@ -122,7 +122,8 @@ def get_row(
         _column(family.model, "id") == row_id
     )
     if for_update:
-        query = query.with_for_update()
+        # populate_existing: a copy already in the session must show the locked values.
+        query = query.with_for_update().execution_options(populate_existing=True)
     row = session.execute(query).scalar_one_or_none()
     if row is None:
         raise NotFoundError(f"{family.entity} {row_id} not found")
@@ -153,11 +154,13 @@ def _diff(
 
 def _check_unique(session: Session, family: Family[M], row: M) -> None:
     for group in family.unique:
+        if any(getattr(row, name) is None for name in group):
+            continue  # NULLs never collide in a unique index
+        # Soft-deleted rows keep their unique keys (history stays unambiguous), so they
+        # count here too: the caller gets a clear 409 instead of a database error.
         query = select(_column(family.model, "id")).where(
             *(_column(family.model, name) == getattr(row, name) for name in group)
         )
-        if family.soft_delete:
-            query = query.where(_column(family.model, "deleted_at").is_(None))
         row_id = getattr(row, "id", None)
         if row_id is not None:
             query = query.where(_column(family.model, "id") != row_id)
@@ -201,6 +204,7 @@ def _check_scope(family: Family[M], row: M, scope: Scope) -> None:
 
 def _writable(family: Family[M], values: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
     fields = family.model.model_fields
+    columns = {attr.key: attr.columns[0] for attr in inspect(family.model).column_attrs}
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = "meta" if key == "metadata" and "meta" in fields else key
@@ -210,6 +214,8 @@ def _writable(family: Family[M], values: Mapping[str, Any], *, creating: bool) -
             raise ValidationFailed(f"{key} cannot be set", code="field_not_writable", field=key)
         if not creating and name in family.immutable:
             raise ValidationFailed(f"{key} cannot be changed", code="field_immutable", field=key)
+        if value is None and not columns[name].nullable:
+            raise ValidationFailed(f"{key} must not be null", code="null_not_allowed", field=key)
         out[name] = value
     return out
 
@@ -229,11 +235,12 @@ def create_row(
     session: Session, family: Family[M], scope: Scope, actor: Actor, values: Mapping[str, Any]
 ) -> M:
     row = family.model(**_writable(family, values, creating=True))
-    _check_scope(family, row, scope)
-    _check_references(session, family, row, scope)
-    _check_unique(session, family, row)
-    if family.validate is not None:
-        family.validate(session, row, scope)
+    with session.no_autoflush:
+        _check_scope(family, row, scope)
+        _check_references(session, family, row, scope)
+        _check_unique(session, family, row)
+        if family.validate is not None:
+            family.validate(session, row, scope)
     session.add(row)
     _flush(session, family)
     record_audit(
@@ -262,13 +269,16 @@ def update_row(
             "status changes go through the lifecycle routes", code="field_not_writable"
         )
     before = snapshot(row)
-    for key, value in _writable(family, changes, creating=False).items():
-        setattr(row, key, value)
-    _check_scope(family, row, scope)
-    _check_references(session, family, row, scope)
-    _check_unique(session, family, row)
-    if family.validate is not None:
-        family.validate(session, row, scope)
+    # No autoflush while checking: the checks query, and a half-checked row must never
+    # reach the database (a duplicate would surface as an IntegrityError, not a 409).
+    with session.no_autoflush:
+        for key, value in _writable(family, changes, creating=False).items():
+            setattr(row, key, value)
+        _check_scope(family, row, scope)
+        _check_references(session, family, row, scope)
+        _check_unique(session, family, row)
+        if family.validate is not None:
+            family.validate(session, row, scope)
     if "updated_at" in family.model.model_fields:
         row.updated_at = clock.now()
     session.add(row)

@@ -55,9 +55,7 @@ def fresh_sqlite(tmp_path: Path) -> str:
 
 def schema_diff(engine: Engine) -> list[object]:
     with engine.connect() as conn:
-        context = MigrationContext.configure(
-            conn, opts={"compare_type": True}
-        )
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(context, SQLModel.metadata))
 
 

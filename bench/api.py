@@ -2,7 +2,8 @@
 
 Starts ``keystone api`` (its own process, N workers) on a fresh MariaDB database seeded
 with one factory and a few hundred tasks, then drives it with 32 concurrent keep-alive
-connections (httpx + asyncio) for a fixed time per endpoint. ``GET /api/v1/health/live``
+connections for a fixed time per endpoint: with ``wrk`` when it is installed (Debian
+package ``wrk``; light enough to leave the CPU to the server), else with httpx + asyncio.
 is the in-run baseline: the ratio column is the endpoint's rps over the baseline's.
 
     uv run python bench/api.py [--seconds 20] [--connections 32] [--workers 2]
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -148,6 +150,50 @@ async def load(
     }
 
 
+WRK_REPORT = """
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %f %f %f %d\\n", summary.requests, summary.duration,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, summary.errors.status + summary.errors.connect
+    + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+"""
+
+
+def load_with_wrk(
+    wrk: str, base: str, path: str, token: str, seconds: float, connections: int
+) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_REPORT)
+    output = subprocess.run(
+        [
+            wrk,
+            "-t2",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "-s",
+            script.name,
+            "-H",
+            f"Authorization: Bearer {token}",
+            base + path,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    line = next(line for line in output.splitlines() if line.startswith("RESULT"))
+    requests, duration_us, p50, p95, p99, errors = line.split()[1:]
+    return {
+        "rps": int(requests) / (int(duration_us) / 1e6),
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "errors": float(errors),
+        "requests": float(requests),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
@@ -173,9 +219,14 @@ def main() -> None:
             f"{'endpoint':<26} {'rps':>7} {'p50 ms':>7} {'p95 ms':>7} "
             f"{'p99 ms':>7} {'ratio':>6} {'errors':>6}"
         )
+        wrk = shutil.which("wrk")
+        print(f"load generator: {'wrk' if wrk else 'httpx (install wrk for lighter load)'}")
         baseline = None
         for path in paths:
-            result = asyncio.run(load(base, path, token, args.seconds, args.connections))
+            if wrk:
+                result = load_with_wrk(wrk, base, path, token, args.seconds, args.connections)
+            else:
+                result = asyncio.run(load(base, path, token, args.seconds, args.connections))
             baseline = baseline or result["rps"]
             print(
                 f"{path:<26} {result['rps']:>7.0f} {result['p50']:>7.1f} {result['p95']:>7.1f} "

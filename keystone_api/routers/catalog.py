@@ -13,7 +13,7 @@ from sqlmodel import Session, col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr, Metadata, PartialUpdate
+from keystone_api.schemas import IdStr, Metadata, PartialUpdate, RowId
 from keystone_core.errors import ConflictError, PermissionDeniedError, ValidationFailed
 from keystone_core.models import SOP, Order, Scene, Skill, Subscene, Task
 from keystone_core.services import crud
@@ -320,7 +320,7 @@ def _add_delete_route(
 ) -> None:
     """The generic delete, after a family-specific check the generic one cannot express."""
 
-    def delete_item(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+    def delete_item(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
         check(session, id, principal.scope)
         crud.delete_row(session, family, principal.scope, principal.actor, id)
         return Response(status_code=204)

@@ -12,7 +12,7 @@ from sqlmodel import Session, col
 
 from keystone_api.crud import ERRORS, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr, Page
+from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
 from keystone_core.models import Episode, EpisodeStatus
 from keystone_core.services import crud
@@ -220,7 +220,7 @@ def list_episodes(
     responses={**ERRORS, **NOT_FOUND},
     summary="Get one episode",
 )
-def get_episode(id: int, principal: CurrentPrincipal, session: SessionDep) -> EpisodePublic:
+def get_episode(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> EpisodePublic:
     episode = crud.get_row(session, EPISODES, principal.scope, id)
     return _episodes_public(session, [episode])[0]
 

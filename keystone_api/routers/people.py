@@ -12,7 +12,7 @@ from sqlmodel import col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, PagingDep, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr, Metadata, Page, PartialUpdate
+from keystone_api.schemas import IdStr, Metadata, Page, PartialUpdate, RowId
 from keystone_core.models import DataCollector, Inspector, Role, User, UserFactory, Workstation
 from keystone_core.services import accounts, crud
 from keystone_core.services.crud import Family, Guard
@@ -321,7 +321,7 @@ def create_user(body: UserCreate, principal: CurrentPrincipal, session: SessionD
     responses={**ERRORS, **NOT_FOUND},
     name="user.get",
 )
-def get_user(id: int, principal: CurrentPrincipal, session: SessionDep) -> UserPublic:
+def get_user(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> UserPublic:
     user = crud.get_row(session, accounts.USERS, principal.scope, id)
     return _user_public(user, accounts.factory_ids_of(session, id))
 
@@ -354,7 +354,7 @@ def update_user(
     responses={**ERRORS, **NOT_FOUND, **CONFLICT},
     name="user.delete",
 )
-def delete_user(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+def delete_user(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     """Soft delete: the account stops signing in; audit history keeps its name."""
     accounts.delete_account(session, id, scope=principal.scope, actor=principal.actor)
     return Response(status_code=204)

@@ -12,7 +12,7 @@ from sqlmodel import Session, col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, Paging, PagingDep
 from keystone_api.deps import CurrentPrincipal, Principal, SessionDep
-from keystone_api.schemas import IdStr, Page
+from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
 from keystone_core.models import (
     Batch,
@@ -199,7 +199,7 @@ def create_order(
 
 
 @router.get("/orders/{id}", response_model=OrderPublic, responses=READ, summary="Get one order")
-def get_order(id: int, principal: CurrentPrincipal, session: SessionDep) -> OrderPublic:
+def get_order(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> OrderPublic:
     order = crud.get_row(session, ORDERS, principal.scope, id)
     return _orders_public(session, [order])[0]
 
@@ -226,7 +226,7 @@ def update_order(
     responses=WRITE,
     summary="Delete an order (409 while it has batches)",
 )
-def delete_order(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+def delete_order(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     crud.delete_row(session, ORDERS, principal.scope, principal.actor, id)
     return Response(status_code=204)
 
@@ -470,7 +470,7 @@ def create_batch(
 
 
 @router.get("/batches/{id}", response_model=BatchPublic, responses=READ, summary="Get one batch")
-def get_batch(id: int, principal: CurrentPrincipal, session: SessionDep) -> BatchPublic:
+def get_batch(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> BatchPublic:
     batch = crud.get_row(session, BATCHES, principal.scope, id)
     return _batches_public(session, [batch])[0]
 
@@ -507,7 +507,7 @@ def patch_batch(
     responses=WRITE,
     summary="Delete a pending or cancelled batch and its tasks (409 once it has episodes)",
 )
-def delete_batch(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+def delete_batch(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     svc.delete_batch(session, principal.scope, principal.actor, id)
     return Response(status_code=204)
 
@@ -687,7 +687,7 @@ def _task_page(
     summary="List the tasks of one batch",
 )
 def list_batch_tasks(
-    id: int,
+    id: RowId,
     principal: CurrentPrincipal,
     session: SessionDep,
     paging: PagingDep,
@@ -715,7 +715,7 @@ def list_tasks(
 @router.get(
     "/tasks/{id}", response_model=TaskPublic, responses=READ, summary="Get one task by numeric id"
 )
-def get_task(id: int, principal: CurrentPrincipal, session: SessionDep) -> TaskPublic:
+def get_task(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> TaskPublic:
     task = crud.get_row(session, TASKS, principal.scope, id)
     return _tasks_public(session, [task])[0]
 
@@ -727,6 +727,6 @@ def get_task(id: int, principal: CurrentPrincipal, session: SessionDep) -> TaskP
     responses=WRITE,
     summary="Cancel (unless finished) and delete a task; 409 once it has an episode",
 )
-def delete_task(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+def delete_task(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     svc.delete_task(session, principal.scope, principal.actor, id)
     return Response(status_code=204)

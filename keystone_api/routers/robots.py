@@ -13,7 +13,7 @@ from sqlmodel import col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr, Page
+from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.models import Robot, RobotType
 from keystone_core.services import robots
 from keystone_core.services.crud import MAX_LIMIT
@@ -178,7 +178,7 @@ def get_config_template(
     name="robot_config_template.put",
 )
 def put_config_template(
-    id: int,
+    id: RowId,
     filename: Filename,
     body: ConfigTemplateBody,
     principal: CurrentPrincipal,
@@ -227,7 +227,7 @@ _JSON_ERROR: dict[str, Any] = {
     name="robot_config.render",
 )
 def get_rendered_config(
-    id: int,
+    id: RowId,
     filename: Filename,
     session: SessionDep,
     device_id: Annotated[
@@ -332,7 +332,7 @@ class WorkstationBindingPublic(BaseModel):
     name="robot.workstation_history",
 )
 def workstation_history(
-    id: int,
+    id: RowId,
     principal: CurrentPrincipal,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, description="Page size; values above 100 give 100.")] = 50,

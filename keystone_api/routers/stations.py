@@ -12,7 +12,7 @@ from sqlmodel import col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr
+from keystone_api.schemas import IdStr, RowId
 from keystone_core.models import Workstation
 from keystone_core.services import robots
 
@@ -149,7 +149,7 @@ def update_station(
     responses={**ERRORS, **NOT_FOUND, **CONFLICT},
     name="station.delete",
 )
-def delete_station(id: int, principal: CurrentPrincipal, session: SessionDep) -> Response:
+def delete_station(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     robots.delete_station(session, principal.scope, principal.actor, id)
     return Response(status_code=204)
 

@@ -10,12 +10,13 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.errors import ErrorBody
 from keystone_api.schemas import Page, RowId
 from keystone_core.services import crud
+from keystone_core.services.scope import Scope
 
 M = TypeVar("M", bound=SQLModel)
 
@@ -54,6 +55,24 @@ class Paging:
         self.offset = offset
         self.include_deleted = include_deleted
 
+    def rows(
+        self,
+        session: Session,
+        family: crud.Family[M],
+        scope: Scope,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> crud.Page[M]:
+        """This page of ``family``'s rows visible to ``scope``."""
+        return crud.list_rows(
+            session,
+            family,
+            scope,
+            where=where,
+            limit=self.limit,
+            offset=self.offset,
+            include_deleted=self.include_deleted,
+        )
+
 
 PagingDep = Annotated[Paging, Depends()]
 
@@ -69,6 +88,7 @@ def add_crud_routes(
     filters: Callable[..., Sequence[ColumnElement[bool]]] = no_filters,
     update_method: str = "PUT",
     delete: bool = True,
+    before_delete: Callable[[Session, int, Scope], None] | None = None,
 ) -> None:
     """Mount list/create/get/update/delete for ``family`` under ``path`` on ``router``."""
     entity = family.entity
@@ -83,15 +103,7 @@ def add_crud_routes(
         paging: PagingDep,
         where: Annotated[Sequence[ColumnElement[bool]], Depends(filters)],
     ) -> Any:
-        page = crud.list_rows(
-            session,
-            family,
-            principal.scope,
-            where=where,
-            limit=paging.limit,
-            offset=paging.offset,
-            include_deleted=paging.include_deleted,
-        )
+        page = paging.rows(session, family, principal.scope, where)
         return page_model(
             items=[to_public(r) for r in page.items],
             total=page.total,
@@ -175,6 +187,9 @@ def add_crud_routes(
             principal: CurrentPrincipal,
             session: SessionDep,
         ) -> Response:
+            if before_delete is not None:
+                # A family-specific rule the generic guards cannot express.
+                before_delete(session, id, principal.scope)
             crud.delete_row(session, family, principal.scope, principal.actor, id)
             return Response(status_code=204)
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, String, cast, select
 from sqlmodel import Session, col
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
-from keystone_api.deps import CurrentPrincipal, SessionDep
-from keystone_api.schemas import IdStr, Metadata, PartialUpdate, RowId
+from keystone_api.crud import add_crud_routes
+from keystone_api.schemas import IdStr, Metadata, PartialUpdate
 from keystone_core.errors import ConflictError, PermissionDeniedError, ValidationFailed
 from keystone_core.models import SOP, Order, Scene, Skill, Subscene, Task
 from keystone_core.services import crud
@@ -315,28 +313,6 @@ def _check_skill_delete(session: Session, row_id: int, scope: Scope) -> None:
         )
 
 
-def _add_delete_route(
-    path: str, family: Family[Any], check: Callable[[Session, int, Scope], None]
-) -> None:
-    """The generic delete, after a family-specific check the generic one cannot express."""
-
-    def delete_item(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
-        check(session, id, principal.scope)
-        crud.delete_row(session, family, principal.scope, principal.actor, id)
-        return Response(status_code=204)
-
-    router.add_api_route(
-        f"{path}/{{id}}",
-        delete_item,
-        methods=["DELETE"],
-        status_code=204,
-        response_class=Response,
-        summary=f"Delete a {family.entity}",
-        responses={**ERRORS, **NOT_FOUND, **CONFLICT},
-        name=f"{family.entity}.delete",
-    )
-
-
 add_crud_routes(
     router,
     "/scenes",
@@ -345,9 +321,8 @@ add_crud_routes(
     create=SceneCreate,
     update=SceneUpdate,
     filters=scene_filters,
-    delete=False,
+    before_delete=_check_scene_delete,
 )
-_add_delete_route("/scenes", SCENES, _check_scene_delete)
 add_crud_routes(
     router,
     "/subscenes",
@@ -356,9 +331,8 @@ add_crud_routes(
     create=SubsceneCreate,
     update=SubsceneUpdate,
     filters=subscene_filters,
-    delete=False,
+    before_delete=_check_subscene_delete,
 )
-_add_delete_route("/subscenes", SUBSCENES, _check_subscene_delete)
 add_crud_routes(
     router,
     "/skills",
@@ -367,9 +341,8 @@ add_crud_routes(
     create=SkillCreate,
     update=SkillUpdate,
     filters=skill_filters,
-    delete=False,
+    before_delete=_check_skill_delete,
 )
-_add_delete_route("/skills", SKILLS, _check_skill_delete)
 add_crud_routes(
     router,
     "/sops",

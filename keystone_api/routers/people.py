@@ -270,15 +270,7 @@ def list_users(
         )
     if account is not None:
         where.append(col(User.account) == accounts.normalize_account(account))
-    page = crud.list_rows(
-        session,
-        accounts.USERS,
-        principal.scope,
-        where=where,
-        limit=paging.limit,
-        offset=paging.offset,
-        include_deleted=paging.include_deleted,
-    )
+    page = paging.rows(session, accounts.USERS, principal.scope, where)
     scopes = accounts.factory_ids_by_user(session, [u.id for u in page.items if u.id is not None])
     return Page[UserPublic](
         items=[_user_public(u, scopes.get(u.id or 0, [])) for u in page.items],

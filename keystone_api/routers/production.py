@@ -161,15 +161,7 @@ OrderFilters = Annotated[list[ColumnElement[bool]], Depends(order_filters)]
 def list_orders(
     principal: CurrentPrincipal, session: SessionDep, paging: PagingDep, where: OrderFilters
 ) -> Page[OrderPublic]:
-    page = crud.list_rows(
-        session,
-        ORDERS,
-        principal.scope,
-        where=where,
-        limit=paging.limit,
-        offset=paging.offset,
-        include_deleted=paging.include_deleted,
-    )
+    page = paging.rows(session, ORDERS, principal.scope, where)
     return Page[OrderPublic](
         items=_orders_public(session, page.items),
         total=page.total,
@@ -419,15 +411,7 @@ BatchFilters = Annotated[list[ColumnElement[bool]], Depends(batch_filters)]
 def list_batches(
     principal: CurrentPrincipal, session: SessionDep, paging: PagingDep, where: BatchFilters
 ) -> Page[BatchPublic]:
-    page = crud.list_rows(
-        session,
-        BATCHES,
-        principal.scope,
-        where=where,
-        limit=paging.limit,
-        offset=paging.offset,
-        include_deleted=paging.include_deleted,
-    )
+    page = paging.rows(session, BATCHES, principal.scope, where)
     return Page[BatchPublic](
         items=_batches_public(session, page.items),
         total=page.total,
@@ -663,15 +647,7 @@ TaskFilters = Annotated[list[ColumnElement[bool]], Depends(task_filters)]
 def _task_page(
     session: Session, principal: Principal, paging: Paging, where: list[ColumnElement[bool]]
 ) -> Page[TaskPublic]:
-    page = crud.list_rows(
-        session,
-        TASKS,
-        principal.scope,
-        where=where,
-        limit=paging.limit,
-        offset=paging.offset,
-        include_deleted=paging.include_deleted,
-    )
+    page = paging.rows(session, TASKS, principal.scope, where)
     return Page[TaskPublic](
         items=_tasks_public(session, page.items),
         total=page.total,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.concurrency import run_in_threadpool
 
-from keystone_api.access import ROUTE_ACCESS
+from keystone_api.access import ROUTE_ACCESS, Public
 from keystone_api.deps import authorize
 from keystone_api.errors import install_error_handlers
 from keystone_api.middleware import RequestContextMiddleware
@@ -67,7 +68,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     check_access_table(app)
+    _mark_public_operations(app)
     return app
+
+
+def _mark_public_operations(app: FastAPI) -> None:
+    """The bearer scheme comes from the app-wide ``authorize`` dependency, so OpenAPI would
+    show it on every operation; the open ones say ``security: []`` instead."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for (method, path), rule in ROUTE_ACCESS.items():
+                operation = schema.get("paths", {}).get(path, {}).get(method.lower())
+                if isinstance(rule, Public) and operation is not None:
+                    operation["security"] = []
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def check_access_table(app: FastAPI) -> None:

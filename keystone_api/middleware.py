@@ -26,7 +26,7 @@ HTTP_LATENCY = Histogram(
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """Raised from ``receive`` once a streamed body passes the limit."""
 
 
 def _too_large_body(limit: int) -> bytes:

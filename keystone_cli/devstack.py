@@ -219,7 +219,7 @@ class DevStack:
                         self.console.print(f"  {name} is up")
                         del pending[name]
                 except httpx.HTTPError:
-                    pass
+                    continue  # not listening yet
             if pending and time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout_s:.0f}s: {', '.join(pending)}")
             if pending:

@@ -311,3 +311,10 @@ def test_cors_admits_only_configured_origins(tmp_path: Path) -> None:
             "/api/v1/auth/me", headers={"Origin": "https://evil.example", **preflight}
         )
         assert "access-control-allow-origin" not in refused.headers
+
+
+def test_openapi_marks_only_the_open_routes_as_needing_no_token(client: TestClient) -> None:
+    spec = client.get("/api/v1/openapi.json").json()
+    assert spec["paths"]["/api/v1/auth/login"]["post"]["security"] == []
+    assert spec["paths"]["/api/v1/health"]["get"]["security"] == []
+    assert spec["paths"]["/api/v1/auth/me"]["get"]["security"] != []

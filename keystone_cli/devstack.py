@@ -17,6 +17,7 @@ import httpx
 from rich.console import Console
 
 from keystone_core.db import create_db_engine, session_scope
+from keystone_core.errors import KeystoneError
 from keystone_core.local_secrets import load_or_create_secrets
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.services.demo import seed_demo
@@ -116,6 +117,9 @@ class DevStack:
             return self._supervise()
         except KeyboardInterrupt:
             return 0
+        except (RuntimeError, KeystoneError) as exc:
+            self.console.print(f"[red]keystone dev failed:[/] {exc}", highlight=False)
+            return 1
         finally:
             self._stop_children()
             if s3 is not None:
@@ -188,6 +192,20 @@ class DevStack:
             env,
         )
         if self.with_dagster:
+            # Create Dagster's storage once, before its two processes start: both would
+            # otherwise initialise the same SQLite files at once and can stamp two heads.
+            self.console.print("preparing Dagster storage …")
+            migrated = subprocess.run(  # noqa: S603 (our own executable)
+                [str(bin_dir / "dagster"), "instance", "migrate"],
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if migrated.returncode != 0:
+                tail = "\n".join(migrated.stderr.splitlines()[-10:])
+                raise RuntimeError(f"dagster instance migrate failed:\n{tail}")
             self._spawn(
                 "dagster-webserver",
                 [

@@ -16,7 +16,7 @@ from keystone_core.db import session_scope
 from keystone_core.errors import AuthenticationError, PermissionDeniedError
 from keystone_core.models import Role, User
 from keystone_core.security import decode_access_token
-from keystone_core.services.accounts import factory_ids_of, get_active_user, is_token_revoked
+from keystone_core.services.accounts import token_holder
 from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.settings import Settings
@@ -101,13 +101,11 @@ def _authenticate(
         user_id = int(claims.sub)
     except ValueError:
         raise AuthenticationError("access token is invalid", code="invalid_token") from None
-    if is_token_revoked(session, claims.jti):
-        raise AuthenticationError("access token was signed out", code="token_revoked")
-    user = get_active_user(session, user_id)
-    # The token's role must still hold: a changed account needs a new login.
+    user, factory_ids = token_holder(session, user_id, claims.jti)
+    # The token's role and scope must still hold: a changed account needs a new login.
     if user.role != claims.role:
         raise AuthenticationError("account role changed; sign in again", code="invalid_token")
-    if sorted(claims.factory_ids) != factory_ids_of(session, user_id):
+    if sorted(claims.factory_ids) != factory_ids:
         raise AuthenticationError("factory scope changed; sign in again", code="invalid_token")
     return Principal(
         user=user,

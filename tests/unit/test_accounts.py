@@ -23,7 +23,7 @@ from keystone_core.services.accounts import (
     create_user,
     ensure_admin,
     factory_ids_of,
-    get_active_user,
+    token_holder,
 )
 from keystone_core.services.audit import Actor
 from keystone_core.services.episodes import release_expired_qa_leases
@@ -110,7 +110,7 @@ def test_a_deleted_user_is_refused(session: Session) -> None:
     assert sign_in_failure(session, "alice", PASSWORD).code == "invalid_credentials"
     assert user.id is not None
     with pytest.raises(AuthenticationError):
-        get_active_user(session, user.id)
+        token_holder(session, user.id, jti="any")
 
 
 # --- create_user -----------------------------------------------------------------------------

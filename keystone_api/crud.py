@@ -36,6 +36,11 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
 MAX_OFFSET = 1_000_000_000
 
 
+def equal_to(model: type[SQLModel], **values: Any) -> list[ColumnElement[bool]]:
+    """``column == value`` for every filter the caller gave (``None`` means not given)."""
+    return [getattr(model, name) == value for name, value in values.items() if value is not None]
+
+
 def no_filters() -> list[ColumnElement[bool]]:
     return []
 

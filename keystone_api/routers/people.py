@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, exists, select
 from sqlmodel import col
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, PagingDep, add_crud_routes
+from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, PagingDep, add_crud_routes, equal_to
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, Metadata, Page, PartialUpdate, RowId
 from keystone_core.models import DataCollector, Inspector, Role, User, UserFactory, Workstation
@@ -134,12 +134,7 @@ class InspectorPublic(BaseModel):
 def inspector_filters(
     factory_id: int | None = None, status: InspectorStatus | None = None
 ) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if factory_id is not None:
-        where.append(col(Inspector.factory_id) == factory_id)
-    if status is not None:
-        where.append(col(Inspector.status) == status)
-    return where
+    return equal_to(Inspector, factory_id=factory_id, status=status)
 
 
 add_crud_routes(

@@ -10,7 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, Paging, PagingDep
+from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, Paging, PagingDep, equal_to
 from keystone_api.deps import CurrentPrincipal, Principal, SessionDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
@@ -142,16 +142,9 @@ def order_filters(
     priority: OrderPriority | None = None,
     scene_id: int | None = None,
 ) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if factory_id is not None:
-        where.append(col(Order.factory_id) == factory_id)
-    if status is not None:
-        where.append(col(Order.status) == status)
-    if priority is not None:
-        where.append(col(Order.priority) == priority)
-    if scene_id is not None:
-        where.append(col(Order.scene_id) == scene_id)
-    return where
+    return equal_to(
+        Order, factory_id=factory_id, status=status, priority=priority, scene_id=scene_id
+    )
 
 
 OrderFilters = Annotated[list[ColumnElement[bool]], Depends(order_filters)]
@@ -387,16 +380,13 @@ def batch_filters(
     status: BatchStatus | None = None,
     factory_id: int | None = None,
 ) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if order_id is not None:
-        where.append(col(Batch.order_id) == order_id)
-    if workstation_id is not None:
-        where.append(col(Batch.workstation_id) == workstation_id)
-    if status is not None:
-        where.append(col(Batch.status) == status)
-    if factory_id is not None:
-        where.append(col(Batch.factory_id) == factory_id)
-    return where
+    return equal_to(
+        Batch,
+        order_id=order_id,
+        workstation_id=workstation_id,
+        status=status,
+        factory_id=factory_id,
+    )
 
 
 BatchFilters = Annotated[list[ColumnElement[bool]], Depends(batch_filters)]
@@ -627,18 +617,14 @@ def task_filters(
     workstation_id: int | None = None,
     factory_id: int | None = None,
 ) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if batch_id is not None:
-        where.append(col(Task.batch_id) == batch_id)
-    if order_id is not None:
-        where.append(col(Task.order_id) == order_id)
-    if status is not None:
-        where.append(col(Task.status) == status)
-    if workstation_id is not None:
-        where.append(col(Task.workstation_id) == workstation_id)
-    if factory_id is not None:
-        where.append(col(Task.factory_id) == factory_id)
-    return where
+    return equal_to(
+        Task,
+        batch_id=batch_id,
+        order_id=order_id,
+        status=status,
+        workstation_id=workstation_id,
+        factory_id=factory_id,
+    )
 
 
 TaskFilters = Annotated[list[ColumnElement[bool]], Depends(task_filters)]

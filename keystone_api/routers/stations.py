@@ -8,9 +8,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Response
 from pydantic import MISSING, AliasChoices, BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement
-from sqlmodel import col
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
+from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes, equal_to
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, RowId
 from keystone_core.models import Workstation
@@ -84,16 +83,13 @@ def station_filters(
     robot_id: int | None = None,
     data_collector_id: int | None = None,
 ) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = []
-    if factory_id is not None:
-        where.append(col(Workstation.factory_id) == factory_id)
-    if status is not None:
-        where.append(col(Workstation.status) == status)
-    if robot_id is not None:
-        where.append(col(Workstation.robot_id) == robot_id)
-    if data_collector_id is not None:
-        where.append(col(Workstation.data_collector_id) == data_collector_id)
-    return where
+    return equal_to(
+        Workstation,
+        factory_id=factory_id,
+        status=status,
+        robot_id=robot_id,
+        data_collector_id=data_collector_id,
+    )
 
 
 # List and get come from the generic builder; writes are below because a change of robot

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import ColumnElement, delete, exists, func
 from sqlmodel import Session, col, select
@@ -372,34 +372,24 @@ def _check_links(
 ) -> None:
     """A collector (inspector) account may link to a live data collector (inspector) row of
     its own factories; other roles link to none."""
-    if data_collector_id is not None:
-        if role is not Role.DATA_COLLECTOR:
+    links: tuple[tuple[str, int | None, type[DataCollector | Inspector], Role], ...] = (
+        ("data_collector_id", data_collector_id, DataCollector, Role.DATA_COLLECTOR),
+        ("inspector_id", inspector_id, Inspector, Role.DATA_INSPECTOR),
+    )
+    for field, person_id, model, owner_role in links:
+        if person_id is None:
+            continue
+        if role is not owner_role:
             raise ValidationFailed(
-                "data_collector_id is only for data_collector accounts",
+                f"{field} is only for {owner_role.value} accounts",
                 code="link_role_mismatch",
-                field="data_collector_id",
+                field=field,
             )
         _check_person(
             session,
-            field="data_collector_id",
-            person=session.get(DataCollector, data_collector_id),
-            person_id=data_collector_id,
-            factory_ids=factory_ids,
-            scope=scope,
-            user_id=user_id,
-        )
-    if inspector_id is not None:
-        if role is not Role.DATA_INSPECTOR:
-            raise ValidationFailed(
-                "inspector_id is only for data_inspector accounts",
-                code="link_role_mismatch",
-                field="inspector_id",
-            )
-        _check_person(
-            session,
-            field="inspector_id",
-            person=session.get(Inspector, inspector_id),
-            person_id=inspector_id,
+            field=field,
+            person=cast("DataCollector | Inspector | None", session.get(model, person_id)),
+            person_id=person_id,
             factory_ids=factory_ids,
             scope=scope,
             user_id=user_id,

@@ -20,7 +20,14 @@ class Public:
     reason: str
 
 
-Rule = frozenset[Role] | Public
+@dataclass(frozen=True)
+class Device:
+    """A route for the Axon programs: the handler checks a device or per-task token."""
+
+    reason: str
+
+
+Rule = frozenset[Role] | Public | Device
 
 ADMIN = frozenset({Role.ADMIN})
 MANAGERS = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER})
@@ -53,6 +60,13 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("GET", f"{V1}/robot_types/{{id}}/configs/{{filename}}"): Public(
         "axon-config downloads rendered templates without credentials; no secrets inside"
     ),
+    ("POST", f"{V1}/devices/register"): Public(
+        "axon-config registers without credentials; accepted only inside an admin-opened "
+        "enrollment window, rate-limited and audited"
+    ),
+    # The recorder's callbacks: its per-task user_token or the device token.
+    ("POST", f"{V1}/callbacks/start"): Device("the task's user_token or the device token"),
+    ("POST", f"{V1}/callbacks/finish"): Device("the task's user_token or the device token"),
     # The caller's own account.
     ("GET", f"{V1}/auth/me"): EVERYONE,
     ("POST", f"{V1}/auth/logout"): EVERYONE,
@@ -70,6 +84,21 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("DELETE", f"{V1}/robot_types/{{id}}/config_templates/{{filename}}"): ADMIN,
     **_crud(f"{V1}/robots", read=PRODUCTION, write=MANAGERS),
     ("GET", f"{V1}/robots/{{id}}/workstation_history"): MANAGERS,
+    ("POST", f"{V1}/robots/{{id}}/ws-client-auth-token/rotate"): ADMIN,
+    # Device onboarding.
+    ("POST", f"{V1}/enrollment_windows"): ADMIN,
+    ("GET", f"{V1}/enrollment_windows"): ADMIN,
+    ("GET", f"{V1}/enrollment_windows/{{id}}"): ADMIN,
+    ("POST", f"{V1}/enrollment_windows/{{id}}/close"): ADMIN,
+    # Recorders: presence, state and the REST → RPC façade.
+    ("GET", f"{V1}/recorder/devices"): PRODUCTION,
+    ("GET", f"{V1}/recorder/{{device_id}}/state"): PRODUCTION,
+    ("GET", f"{V1}/recorder/{{device_id}}/stats"): PRODUCTION,
+    **{
+        ("POST", f"{V1}/recorder/{{device_id}}/{action}"): PRODUCTION
+        for action in ("config", "begin", "finish", "pause", "resume", "cancel", "clear", "quit")
+    },
+    ("GET", f"{V1}/device-state/stream"): EVERYONE,
     # People.
     **_crud(f"{V1}/data_collectors", read=MANAGERS, write=MANAGERS),
     **_crud(f"{V1}/inspectors", read=QUALITY, write=MANAGERS),
@@ -87,6 +116,7 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("POST", f"{V1}/batches/{{id}}/recall"): MANAGERS,
     ("GET", f"{V1}/tasks"): PRODUCTION,
     ("GET", f"{V1}/tasks/{{id}}"): PRODUCTION,
+    ("GET", f"{V1}/tasks/{{id}}/config"): PRODUCTION,
     ("DELETE", f"{V1}/tasks/{{id}}"): MANAGERS,
     # Episodes.
     ("GET", f"{V1}/episodes"): QUALITY | {Role.DATA_COLLECTOR},

@@ -11,13 +11,15 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import WebSocketRoute
 
-from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_api.access import ROUTE_ACCESS, Device, Public
 from keystone_api.deps import authorize
 from keystone_api.errors import install_error_handlers
 from keystone_api.middleware import RequestContextMiddleware
 from keystone_api.ratelimits import install_rate_limiters
 from keystone_api.routers import ROUTERS
+from keystone_api.ws.recorder import RecorderHub, recorder_socket, reject_default_path
 from keystone_core.db import create_db_engine
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.settings import Settings, get_settings
@@ -37,8 +39,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.s3_probe = create_s3_client(settings, health=True)
         try:
             await run_in_threadpool(prepare_database, app.state.engine, settings)
+            app.state.recorder_hub = RecorderHub(app.state.engine, settings)
+            await app.state.recorder_hub.start()
             log.info("keystone api ready (env=%s)", settings.env.value)
-            yield
+            try:
+                yield
+            finally:
+                await app.state.recorder_hub.stop()
         finally:
             app.state.engine.dispose()
 
@@ -67,6 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
+    # Device sockets authenticate at the upgrade themselves (no app-wide dependency).
+    app.router.routes.append(WebSocketRoute("/recorder/{device_id}", recorder_socket))
+    app.router.routes.append(WebSocketRoute("/rpc", reject_default_path))
     check_access_table(app)
     _mark_public_operations(app)
     return app
@@ -82,7 +92,7 @@ def _mark_public_operations(app: FastAPI) -> None:
             schema = build()
             for (method, path), rule in ROUTE_ACCESS.items():
                 operation = schema.get("paths", {}).get(path, {}).get(method.lower())
-                if isinstance(rule, Public) and operation is not None:
+                if isinstance(rule, Public | Device) and operation is not None:
                     operation["security"] = []
         return app.openapi_schema or build()
 

@@ -12,11 +12,13 @@ from pydantic import BaseModel
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, SQLModel
 
-from keystone_api.deps import CurrentPrincipal, SessionDep
+from keystone_api.deps import CurrentPrincipal, SessionDep, SettingsDep
 from keystone_api.errors import ErrorBody
 from keystone_api.schemas import Page, RowId
 from keystone_core.services import crud
+from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
+from keystone_core.settings import Settings
 
 M = TypeVar("M", bound=SQLModel)
 
@@ -94,6 +96,7 @@ def add_crud_routes(
     update_method: str = "PUT",
     delete: bool = True,
     before_delete: Callable[[Session, int, Scope], None] | None = None,
+    after_delete: Callable[[Session, Settings, Actor, int], None] | None = None,
 ) -> None:
     """Mount list/create/get/update/delete for ``family`` under ``path`` on ``router``."""
     entity = family.entity
@@ -191,11 +194,15 @@ def add_crud_routes(
             id: RowId,
             principal: CurrentPrincipal,
             session: SessionDep,
+            settings: SettingsDep,
         ) -> Response:
             if before_delete is not None:
                 # A family-specific rule the generic guards cannot express.
                 before_delete(session, id, principal.scope)
             crud.delete_row(session, family, principal.scope, principal.actor, id)
+            if after_delete is not None:
+                # Consequences in the same transaction (e.g. revoking a robot's credentials).
+                after_delete(session, settings, principal.actor, id)
             return Response(status_code=204)
 
         router.add_api_route(

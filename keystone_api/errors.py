@@ -16,11 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keystone_core.errors import (
     AuthenticationError,
+    BadRequest,
     ConfigurationError,
     ConflictError,
     DependencyUnavailable,
+    DeviceTimeout,
     KeystoneError,
     NotFoundError,
+    PayloadTooLarge,
     PermissionDeniedError,
     ValidationFailed,
 )
@@ -29,6 +32,9 @@ from keystone_core.ratelimit import RateLimited
 log = logging.getLogger("keystone.api")
 
 STATUS_BY_ERROR: tuple[tuple[type[KeystoneError], int], ...] = (
+    (BadRequest, 400),
+    (PayloadTooLarge, 413),
+    (DeviceTimeout, 504),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
@@ -51,6 +57,7 @@ _HTTP_CODES = {
     422: "validation_error",
     429: "rate_limited",
     503: "unavailable",
+    504: "gateway_timeout",
 }
 
 

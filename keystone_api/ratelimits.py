@@ -15,10 +15,16 @@ from keystone_core.ratelimit import RateLimiter
 from keystone_core.settings import Settings
 
 LOGIN = "login"
+REGISTRATION = "registration"
+CALLBACK = "callback"
 
 
 def install_rate_limiters(app: FastAPI, settings: Settings) -> None:
-    app.state.rate_limiters = {LOGIN: RateLimiter(settings.login_rate_per_minute, 60.0)}
+    app.state.rate_limiters = {
+        LOGIN: RateLimiter(settings.login_rate_per_minute, 60.0),
+        REGISTRATION: RateLimiter(settings.registration_rate_per_minute, 60.0),
+        CALLBACK: RateLimiter(settings.callback_rate_per_minute, 60.0),
+    }
 
 
 def client_ip(request: Request) -> str:

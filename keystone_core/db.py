@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, Engine, create_engine, event, text
 from sqlalchemy.dialects import mysql
@@ -18,6 +22,8 @@ from sqlmodel import Session
 from keystone_core.clock import as_utc
 from keystone_core.errors import ConfigurationError, DependencyUnavailable
 from keystone_core.settings import Settings
+
+T = TypeVar("T")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -44,9 +50,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The wait first: switching the journal mode needs the database to itself.
     cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL is a property of the file: set once, and not while another connection writes
+    # (a mode change then fails at once, "database is locked", whatever the timeout).
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+        # Failing means another connection is switching this file to WAL right now.
+        with contextlib.suppress(sqlite3.OperationalError):
+            cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 
@@ -95,6 +107,34 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+# MySQL/MariaDB: 1213 deadlock (the server rolled the transaction back), 1205 lock wait
+# timeout. Both mean "run the whole transaction again".
+_RETRYABLE_ERRNOS = frozenset({1213, 1205})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return isinstance(exc, OperationalError) and bool(args) and args[0] in _RETRYABLE_ERRNOS
+
+
+def run_transaction(engine: Engine, work: Callable[[Session], T], *, attempts: int = 4) -> T:
+    """Run ``work`` in its own transaction, again from the start after a deadlock.
+
+    For short, idempotent units that race with others on the same rows (device frames and
+    callbacks of one task arrive together by design).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_scope(engine) as session:
+                return work(session)
+        except OperationalError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            time.sleep(0.02 * attempt + random.random() * 0.03)  # noqa: S311 (jitter)
+    raise AssertionError("unreachable")
 
 
 def check_database(engine: Engine) -> None:

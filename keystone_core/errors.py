@@ -64,3 +64,21 @@ class DependencyUnavailable(KeystoneError):
     """A backing service (database, object store) cannot be reached."""
 
     code = "dependency_unavailable"
+
+
+class BadRequest(KeystoneError):
+    """The request cannot be read at all (not JSON, not an object)."""
+
+    code = "bad_request"
+
+
+class PayloadTooLarge(KeystoneError):
+    """The request body is larger than this route accepts."""
+
+    code = "payload_too_large"
+
+
+class DeviceTimeout(KeystoneError):
+    """A device did not answer in time; whether it acted is unknown."""
+
+    code = "recorder_timeout"

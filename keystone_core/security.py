@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -122,3 +123,23 @@ def hash_token(token: str) -> str:
 
 def token_matches(token: str, token_hash: str) -> bool:
     return hmac.compare_digest(hash_token(token), token_hash)
+
+
+CALLBACK_TOKEN_PREFIX = "kct_v1_"  # noqa: S105 (a prefix, not a secret)
+
+
+def callback_token(settings: Settings, task_id: str) -> str:
+    """The task config's ``user_token``: an HMAC of the task id under the secret key.
+
+    It authorises the callbacks of that one task and nothing else. Derived rather than
+    stored, the same token comes back every time the config is built (a re-sent config
+    never invalidates the one the device already holds); only its SHA-256 is kept on the
+    task row.
+    """
+    key = settings.secret_key.get_secret_value().encode()
+    digest = hmac.new(key, b"axon-task-callback\x00" + task_id.encode(), hashlib.sha256)
+    return CALLBACK_TOKEN_PREFIX + base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+
+
+def callback_token_matches(settings: Settings, task_id: str, token: str) -> bool:
+    return hmac.compare_digest(callback_token(settings, task_id).encode(), token.encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,73 @@ class Settings(BaseSettings):
     )
     metrics_token: SecretStr | None = Field(None, description="If set, /metrics needs it.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    # --- Axon devices ---------------------------------------------------------------
+    device_base_url: str | None = Field(
+        None,
+        pattern=r"^http://[^/?#\s]+$",
+        description=(
+            "Plain http://host[:port] the robots reach this API at (they speak no TLS). "
+            "Registration endpoints (ws://…) and task callback URLs are built from it; "
+            "empty = from the Host of the registration or configuring request."
+        ),
+    )
+    enrollment_max_minutes: int = Field(
+        24 * 60, ge=1, le=7 * 24 * 60, description="Longest enrollment window an admin may open."
+    )
+    registration_rate_per_minute: int = Field(
+        30, ge=1, le=10_000, description="Device registrations per client IP and per factory."
+    )
+    device_s3_credentials: Literal["iam", "shared", "none"] = Field(
+        "iam",
+        description=(
+            "Object-store credentials handed to a registering device: `iam` creates a key "
+            "limited to the device's own `{factory_id}/{device_id}/` prefix through the "
+            "store's IAM API; `shared` hands out KEYSTONE_S3_ACCESS_KEY (not prefix-scoped); "
+            "`none` hands out none (configure the device by hand)."
+        ),
+    )
+    device_token_overlap_hours: float = Field(
+        24.0, ge=0, le=24 * 30, description="How long a rotated device token stays valid."
+    )
+    callback_token_grace_hours: float = Field(
+        24.0,
+        ge=0,
+        le=24 * 365,
+        description="A task's callback token stays valid this long after the task is final.",
+    )
+    callback_max_bytes: int = Field(
+        1024 * 1024, ge=1024, le=16 * 1024 * 1024, description="Larger callback bodies get 413."
+    )
+    callback_rate_per_minute: int = Field(
+        120, ge=1, le=100_000, description="Callbacks accepted per device and minute."
+    )
+    recorder_require_token: bool = Field(
+        True,
+        description=(
+            "Recorder sockets must carry the device's `kws_v1_` token "
+            "(`rpc.ws_client.auth_token`, filled from `{{ ws_client_auth_token }}`)."
+        ),
+    )
+    recorder_max_frame_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024 * 1024,
+        le=64 * 1024 * 1024,
+        description="Recorder frames above this are closed with 1009 (the recorder's is 16 MiB).",
+    )
+    recorder_frame_rate_per_second: int = Field(
+        200, ge=1, le=100_000, description="Frames per second one recorder socket may send."
+    )
+    recorder_rpc_timeout_s: float = Field(10.0, gt=0, le=600, description="Quick RPC replies.")
+    recorder_finish_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="finish/cancel/quit replies (the device hashes the file)."
+    )
+    recorder_require_transfer: bool = Field(
+        False, description="Refuse `config` while the device's transfer program is not connected."
+    )
+    device_heartbeat_s: float = Field(
+        5.0, gt=0, le=300, description="How often a worker confirms the sockets it holds."
+    )
 
     @model_validator(mode="after")
     def _refuse_default_secrets_in_production(self) -> Settings:

@@ -5,13 +5,16 @@ from fastapi import APIRouter
 from keystone_api.routers import (
     audit,
     auth,
+    callbacks,
     catalog,
+    devices,
     episodes,
     health,
     metrics,
     organizations,
     people,
     production,
+    recorder,
     robots,
     stations,
 )
@@ -28,4 +31,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     audit.router,
     production.router,
     episodes.router,
+    devices.router,
+    callbacks.router,
+    recorder.router,
 )

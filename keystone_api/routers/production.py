@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
 from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, Paging, PagingDep, equal_to
-from keystone_api.deps import CurrentPrincipal, Principal, SessionDep
+from keystone_api.deps import CurrentPrincipal, Principal, SessionDep, SettingsDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
 from keystone_core.models import (
@@ -23,8 +23,9 @@ from keystone_core.models import (
     Task,
     TaskStatus,
 )
-from keystone_core.services import crud
+from keystone_core.services import crud, device_tasks
 from keystone_core.services import production as svc
+from keystone_core.services.devices import endpoints as device_endpoints
 from keystone_core.services.production import BATCHES, ORDERS, TASKS, TaskGroup
 
 router = APIRouter(prefix="/api/v1", tags=["production"])
@@ -692,3 +693,45 @@ def get_task(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Tas
 def delete_task(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> Response:
     svc.delete_task(session, principal.scope, principal.actor, id)
     return Response(status_code=204)
+
+
+class TaskConfig(BaseModel):
+    """The recorder's ``task_config`` (axon-protocol.md §4); unset optional keys are omitted."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task_id: str
+    device_id: str
+    order_id: str
+    factory: str
+    start_callback_url: str
+    finish_callback_url: str
+    user_token: str = Field(description="Authorises this task's callbacks only.")
+    data_collector_id: str | None = None
+    operator_name: str | None = None
+    workstation_id: str | None = None
+    scene: str | None = None
+    subscene: str | None = None
+    initial_scene_layout: str | None = None
+    sop_id: str | None = None
+    skills: list[str] | None = None
+    topics: list[str] | None = None
+
+
+@router.get(
+    "/tasks/{id}/config",
+    response_model=TaskConfig,
+    response_model_exclude_none=True,
+    responses={**READ, **CONFLICT},
+    summary="The recorder task config of a task (what the config RPC sends)",
+)
+def get_task_config(
+    id: RowId,
+    request: Request,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    task = crud.get_row(session, TASKS, principal.scope, id)
+    links = device_endpoints(settings, str(request.base_url))
+    return device_tasks.task_config(session, settings, task, links)

@@ -15,7 +15,7 @@ from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.models import Robot, RobotType
-from keystone_core.services import robots
+from keystone_core.services import devices, robots
 from keystone_core.services.crud import MAX_LIMIT
 
 router = APIRouter(prefix="/api/v1", tags=["robots"])
@@ -308,6 +308,8 @@ add_crud_routes(
     create=RobotCreate,
     update=RobotUpdate,
     filters=robot_filters,
+    # Decommissioning: tokens and object-store key revoked, sockets refused.
+    after_delete=devices.decommission,
 )
 
 

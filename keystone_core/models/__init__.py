@@ -2,6 +2,12 @@
 
 from keystone_core.models.audit import AuditLog, OutboxEvent, RevokedToken, Webhook
 from keystone_core.models.catalog import SOP, Scene, Skill, Subscene
+from keystone_core.models.device import (
+    DeviceCommand,
+    DeviceConnection,
+    DeviceEvent,
+    EnrollmentWindow,
+)
 from keystone_core.models.enums import (
     BatchStatus,
     CredentialKind,
@@ -36,7 +42,11 @@ __all__ = [
     "BatchStatus",
     "CredentialKind",
     "DataCollector",
+    "DeviceCommand",
+    "DeviceConnection",
     "DeviceCredential",
+    "DeviceEvent",
+    "EnrollmentWindow",
     "Episode",
     "EpisodeStatus",
     "Factory",

@@ -90,3 +90,4 @@ class CredentialKind(StrEnum):
     """What a hashed device token authenticates."""
 
     WS_CLIENT = "ws_client"
+    S3_ACCESS_KEY = "s3_access_key"

@@ -64,6 +64,8 @@ class Robot(SoftDeleted, table=True):
     status: str = Field(default="active", max_length=32, index=True)  # active|maintenance|retired
     meta: dict[str, Any] = metadata_field()
     last_seen_at: datetime | None = utc_field()
+    # Set when the device registered through an enrollment window (axon-config).
+    registered_at: datetime | None = utc_field()
 
 
 class RobotWorkstationBinding(Timestamped, table=True):
@@ -80,7 +82,8 @@ class RobotWorkstationBinding(Timestamped, table=True):
 
 
 class DeviceCredential(Timestamped, table=True):
-    """A device token (``kws_v1_…``); only its SHA-256 is stored."""
+    """A device credential: a token (``kws_v1_…``, only its SHA-256 is stored) or the id of
+    the device's own object-store access key (``external_id``; the secret is never kept)."""
 
     __tablename__ = "device_credentials"
 
@@ -89,5 +92,8 @@ class DeviceCredential(Timestamped, table=True):
     kind: CredentialKind = enum_field(CredentialKind, CredentialKind.WS_CLIENT)
     token_hash: str = Field(max_length=64, unique=True)
     token_prefix: str = Field(max_length=16)
+    external_id: str | None = Field(default=None, max_length=128)
     last_used_at: datetime | None = utc_field()
+    # A rotated token stays valid until ``expires_at`` (the overlap window), then never.
+    expires_at: datetime | None = utc_field()
     revoked_at: datetime | None = utc_field(index=True)

@@ -65,6 +65,13 @@ TEMPLATE_PLACEHOLDERS = frozenset(
         "endpoints.transfer_ws_url",
         "config_dir",
         "registered_at",
+        "s3.endpoint_url",
+        "s3.bucket",
+        "s3.region",
+        "s3.prefix",
+        "s3.access_key",
+        "s3.secret_key",
+        "s3.credentials",
     }
 )
 

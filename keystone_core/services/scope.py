@@ -23,3 +23,7 @@ class Scope:
     def allows(self, factory_id: int | None) -> bool:
         """``None`` factory means a global row (catalog), visible to everyone."""
         return factory_id is None or self.factory_ids is None or factory_id in self.factory_ids
+
+    def can_see(self, factory_id: int) -> bool:
+        """Rows of factory ``factory_id`` are visible (admins of every factory see all)."""
+        return self.factory_ids is None or factory_id in self.factory_ids

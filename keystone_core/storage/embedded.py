@@ -319,6 +319,9 @@ class EmbeddedS3Server:
             f"-dir={self.store_dir.resolve()}",
             *ports.flags(),
             "-webdav=false",
+            # Device keys limited to one prefix are issued through the IAM API on the S3
+            # port; it is read-only unless told otherwise (and the flag is not remembered).
+            "-s3.iam.readOnly=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",  # on by default: a dev store must not phone home

@@ -19,13 +19,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_api.access import ROUTE_ACCESS, Device, Public
 from keystone_api.app import api_routes, create_app
 from keystone_core import clock
 from keystone_core.models import (
     SOP,
     Batch,
     DataCollector,
+    EnrollmentWindow,
     Episode,
     Factory,
     Inspector,
@@ -127,7 +128,10 @@ def build_world(session: Session, tag: str) -> World:
         mcap_path=f"{factory.id}/{robot.device_id}/2026-11-01/{task.task_id}.mcap",
     )
     user = User(account=f"someone-{tag}", password_hash=hash_password("x" * 12), role=Role.ADMIN)
-    session.add_all([episode, user])
+    window = EnrollmentWindow(
+        factory_id=factory.id, expires_at=clock.now() + dt.timedelta(minutes=5)
+    )
+    session.add_all([episode, user, window])
     session.flush()
     session.add(UserFactory(user_id=user.id, factory_id=factory.id))  # type: ignore[arg-type]
     ids = {
@@ -147,6 +151,7 @@ def build_world(session: Session, tag: str) -> World:
         "batches": batch.id,
         "tasks": task.id,
         "episodes": episode.id,
+        "enrollment_windows": window.id,
     }
     return World(
         factory_id=factory.id,
@@ -237,6 +242,8 @@ def fill(path: str, world: World, device_id: str) -> str:
             return str(world.ids[collection])
         if name == "filename":
             return "config.yaml"
+        if name == "device_id":
+            return device_id
         raise AssertionError(f"no value for path parameter {name} in {path}")
 
     url = re.sub(r"\{(\w+)\}", value, path)
@@ -245,9 +252,26 @@ def fill(path: str, world: World, device_id: str) -> str:
     return url
 
 
+@dataclass
+class Answer:
+    status_code: int
+    body: Any
+
+    def json(self) -> Any:
+        return self.body
+
+
 def call(client: TestClient, method: str, url: str, token: str | None) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {} if method in {"POST", "PUT", "PATCH"} else None
+    if url.startswith("/api/v1/device-state/stream"):
+        # An event stream never ends: read its status and first line only.
+        with client.stream(method, url, headers=headers) as response:
+            if response.status_code != 200:
+                response.read()
+                return Answer(response.status_code, response.json())
+            next(response.iter_lines())
+            return Answer(response.status_code, None)
     return client.request(method, url, json=body, headers=headers)
 
 
@@ -268,6 +292,13 @@ def test_rbac_matrix(client: TestClient, callers: Callers) -> None:
         url = fill(path, callers.world_a, callers.device_id_a)
 
         anonymous = call(client, method, url, None)
+        if isinstance(rule, Device):
+            # Device routes take device or task tokens only (contract tests cover them).
+            for token in (None, *callers.tokens.values()):
+                status = call(client, method, url, token).status_code
+                if status < 400 or status >= 500:
+                    failures.append(f"{method} {path} user/anonymous → {status}")
+            continue
         if isinstance(rule, Public):
             if anonymous.status_code in {401, 403} or anonymous.status_code >= 500:
                 failures.append(f"{method} {path} anonymous → {anonymous.status_code}")

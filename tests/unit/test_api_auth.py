@@ -10,7 +10,7 @@ import jwt
 import pytest
 from fastapi.testclient import TestClient
 
-from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_api.access import ROUTE_ACCESS, Device, Public
 from keystone_api.app import check_access_table, create_app
 from keystone_core import clock
 from keystone_core.db import create_db_engine, session_scope
@@ -224,8 +224,9 @@ def test_metrics_token_protects_metrics(tmp_path: Path) -> None:
 
 
 def test_the_open_routes_are_exactly_the_designed_ones() -> None:
-    """DESIGN.md: every route needs a role list except health, login, metrics and the
-    robot-type config download that axon-config calls without credentials."""
+    """DESIGN.md: every route needs a role list except health, login, metrics and the two
+    that axon-config calls without credentials (registration, config download); the
+    recorder's callbacks carry a device or task token checked by their handler."""
     public = {key for key, rule in ROUTE_ACCESS.items() if isinstance(rule, Public)}
     assert public == {
         ("POST", "/api/v1/auth/login"),
@@ -233,7 +234,10 @@ def test_the_open_routes_are_exactly_the_designed_ones() -> None:
         ("GET", "/api/v1/health/live"),
         ("GET", "/metrics"),
         ("GET", "/api/v1/robot_types/{id}/configs/{filename}"),
+        ("POST", "/api/v1/devices/register"),
     }
+    device = {key for key, rule in ROUTE_ACCESS.items() if isinstance(rule, Device)}
+    assert device == {("POST", "/api/v1/callbacks/start"), ("POST", "/api/v1/callbacks/finish")}
 
 
 def test_an_app_with_a_route_lacking_an_access_rule_refuses_to_build(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keystone_api.access import ROUTE_ACCESS, Public
+from keystone_api.access import ROUTE_ACCESS, Device, Public
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 ROW = re.compile(r"^\| `(GET|POST|PUT|PATCH|DELETE)` \| `([^`]+)` \| ([^|]+) \|$")
@@ -19,7 +19,11 @@ def test_the_route_table_in_the_api_doc_matches_the_code() -> None:
             method, path, roles = match.groups()
             documented[(method, path)] = roles.strip()
     expected = {
-        key: "public" if isinstance(rule, Public) else ", ".join(sorted(r.value for r in rule))
+        key: "public"
+        if isinstance(rule, Public)
+        else "device or task token"
+        if isinstance(rule, Device)
+        else ", ".join(sorted(r.value for r in rule))
         for key, rule in ROUTE_ACCESS.items()
     }
     assert documented == expected

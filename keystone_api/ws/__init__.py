@@ -1,0 +1,1 @@
+"""Device WebSocket channels (recorder; transfer follows)."""

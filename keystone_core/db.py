@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-import contextlib
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path

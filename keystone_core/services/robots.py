@@ -28,7 +28,7 @@ from keystone_core.models import (
     TaskStatus,
     Workstation,
 )
-from keystone_core.services import crud
+from keystone_core.services import crud, device_templates
 from keystone_core.services.audit import Actor, record_audit
 from keystone_core.services.scope import Scope
 
@@ -488,9 +488,17 @@ def put_template(
     session: Session, actor: Actor, robot_type_id: int, filename: str, content: str
 ) -> RobotConfigTemplate:
     """Create or replace a template; the audit row keeps the previous content."""
-    live_robot_type(session, robot_type_id)
+    robot_type = live_robot_type(session, robot_type_id)
     check_filename(filename)
     check_template(content)
+    if filename in STANDARD_TEMPLATES:
+        other_name = next(n for n in STANDARD_TEMPLATES if n != filename)
+        other = _template(session, robot_type_id, other_name)
+        device_templates.check_device_config(
+            filename,
+            content,
+            other.content if other else device_templates.default_template(robot_type, other_name),
+        )
     template = _template(session, robot_type_id, filename, for_update=True)
     before = None if template is None else _template_snapshot(template)
     if template is None:
@@ -576,8 +584,14 @@ def rendered_config(
     """A template as axon-config downloads it: raw, or with one device's identity filled."""
     robot_type = live_robot_type(session, robot_type_id)
     template = _template(session, robot_type_id, check_filename(filename))
-    if template is None:
+    # recorder.yaml and transfer.yaml fall back to Keystone's defaults.
+    content = (
+        template.content
+        if template is not None
+        else device_templates.default_template(robot_type, filename)
+    )
+    if content is None:
         raise NotFoundError(f"config template {filename} of robot_type {robot_type_id} not found")
     if device_id is None:
-        return template.content
-    return render_template(template.content, device_values(session, robot_type, device_id))
+        return content
+    return render_template(content, device_values(session, robot_type, device_id))

@@ -809,3 +809,66 @@ async def test_device_state_changes_are_streamed(api: httpx.AsyncClient, device:
         await asyncio.wait_for(read(), 10)
         assert seen[:2] == ["device_connection", "recorder_state"]
         await rec.close()
+
+
+AXON_CONFIG_DERIVED = {
+    "keystone_url",
+    "keystone_ws_url",
+    "recorder_rpc_url",
+    "transfer_ws_url",
+    "robot_model",
+    "config_dir",
+}
+
+
+def render_like_axon_config(template: str, registration: dict[str, Any]) -> str:
+    """axon-config's rendering: dotted names from the response; an unknown name aborts."""
+    import re
+
+    def flat(prefix: str, value: Any) -> dict[str, str]:
+        if isinstance(value, dict):
+            out: dict[str, str] = {}
+            for key, sub in value.items():
+                out |= (
+                    flat(f"{prefix}{key}.", sub)
+                    if isinstance(sub, dict)
+                    else {f"{prefix}{key}": str(sub)}
+                )
+            return out
+        return {}
+
+    values = flat("", registration)
+    values["robot_model"] = registration["robot_type"]
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        assert name in values, f"axon-config would abort: unknown placeholder {name}"
+        return values[name]
+
+    return re.sub(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}", fill, template)
+
+
+def test_c_reg_2_every_template_placeholder_is_in_the_registration_response(
+    live_api: LiveApi, device: Device
+) -> None:
+    import yaml
+
+    rendered = {}
+    for name in ("recorder.yaml", "transfer.yaml"):
+        template = httpx.get(  # no credentials, as axon-config downloads it
+            f"{live_api.base_url}/api/v1/robot_types/{device.registration['robot_type_id']}"
+            f"/configs/{name}",
+            headers={"User-Agent": "axon-config/1.0"},
+        )
+        assert template.status_code == 200
+        assert device.token not in template.text  # no secret in a template
+        rendered[name] = yaml.safe_load(render_like_axon_config(template.text, device.registration))
+    recorder, transfer = rendered["recorder.yaml"], rendered["transfer.yaml"]
+    assert recorder["rpc"]["ws_client"]["url"] == device.rpc_url
+    assert recorder["rpc"]["ws_client"]["auth_token"] == device.token
+    assert recorder["recording"]["sidecar"]["mode"] == "always"
+    assert transfer["scanner"]["require_json_sidecar"] is True
+    assert recorder["dataset"]["path"] == transfer["scanner"]["data_dir"]
+    assert transfer["device_id"] == device.device_id
+    assert transfer["ws"]["url"] == device.registration["endpoints"]["transfer_ws_url"]
+    assert transfer["uploader"]["s3"]["access_key"] == device.registration["s3"]["access_key"]

@@ -228,7 +228,9 @@ def test_robot_type_with_robots_cannot_be_deleted(client: TestClient, world: Wor
 RECORDER = (
     "device: {{ device_id }}\nrobot: {{robot_id}}\nfactory: {{ factory_id }}\n"
     "type: {{ robot_type_id }} ({{ robot_model }})\nrpc: {{ recorder_rpc_url }}\n"
+    "dataset:\n  path: /axon/recording\nrecording:\n  sidecar:\n    mode: always\n"
 )
+RECORDER_V2 = RECORDER.replace("device:", "device_v2:")
 
 
 def test_config_templates_lifecycle(
@@ -259,10 +261,12 @@ def test_config_templates_lifecycle(
     ]
     assert listed[0]["updated_at"] is not None
 
-    replaced = client.put(f"{base}/recorder.yaml", json={"content": "v: 2\n"}, headers=world.admin)
+    replaced = client.put(
+        f"{base}/recorder.yaml", json={"content": RECORDER_V2}, headers=world.admin
+    )
     assert replaced.status_code == 200
     got = client.get(f"{base}/recorder.yaml", headers=world.manager_a)
-    assert got.json()["content"] == "v: 2\n"
+    assert got.json()["content"] == RECORDER_V2
 
     # Only admins write templates.
     denied = client.put(f"{base}/recorder.yaml", json={"content": "x"}, headers=world.manager_a)
@@ -291,7 +295,7 @@ def test_config_templates_lifecycle(
         "content": RECORDER,
     }
     assert rows[2].after is not None
-    assert rows[2].after["content"] == "v: 2\n"
+    assert rows[2].after["content"] == RECORDER_V2
     assert rows[2].actor_role == "admin"
 
 
@@ -359,6 +363,7 @@ def test_rendered_config_is_public_and_fills_the_device_identity(
         f"device: {world.device_a1}\nrobot: {world.robot_a1}\nfactory: {world.factory_a}\n"
         f"type: {world.robot_type} ({world.robot_type_model})\n"
         "rpc: {{ recorder_rpc_url }}\n"
+        "dataset:\n  path: /axon/recording\nrecording:\n  sidecar:\n    mode: always\n"
     )
 
     unknown = client.get(f"{base}/configs/recorder.yaml", params={"device_id": "nope"})
@@ -369,7 +374,9 @@ def test_rendered_config_is_public_and_fills_the_device_identity(
         params={"device_id": world.device_a1},
     )
     assert other.status_code == 404
-    assert client.get(f"{base}/configs/transfer.yaml").status_code == 404
+    # Standard files without a stored template fall back to the defaults; others are 404.
+    assert client.get(f"{base}/configs/transfer.yaml").status_code == 200
+    assert client.get(f"{base}/configs/other.yaml").status_code == 404
     bad_device = client.get(f"{base}/configs/recorder.yaml", params={"device_id": "../x"})
     assert bad_device.status_code == 422
 
@@ -888,3 +895,46 @@ def test_concurrent_binds_of_one_robot_leave_exactly_one_station(
     assert stations["total"] == 1
     history = client.get(f"{V1}/robots/{world.robot_a1}/workstation_history", headers=world.admin)
     assert history.json()["total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "code"),
+    [
+        ("recorder.yaml", RECORDER.replace("mode: always", "mode: none"), "sidecar_mode_required"),
+        (
+            "recorder.yaml",
+            RECORDER.replace("/axon/recording", "/tmp/elsewhere"),
+            "data_path_mismatch",
+        ),
+        ("recorder.yaml", "dataset: [unclosed\n", "invalid_yaml"),
+        (
+            "transfer.yaml",
+            "scanner:\n  data_dir: /axon/recording\n  require_json_sidecar: false\n",
+            "sidecar_required",
+        ),
+        (
+            "transfer.yaml",
+            "scanner:\n  data_dir: /data\n  require_json_sidecar: true\n",
+            "data_path_mismatch",
+        ),
+    ],
+)
+def test_device_templates_must_keep_sidecar_mode_and_one_data_directory(
+    client: TestClient, world: World, filename: str, content: str, code: str
+) -> None:
+    base = f"{V1}/robot_types/{world.robot_type}/config_templates"
+    response = client.put(f"{base}/{filename}", json={"content": content}, headers=world.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == code
+
+
+def test_robot_types_without_templates_get_keystones_defaults(
+    client: TestClient, world: World
+) -> None:
+    for filename in ("recorder.yaml", "transfer.yaml"):
+        response = client.get(f"{V1}/robot_types/{world.robot_type}/configs/{filename}")
+        assert response.status_code == 200
+        assert "{{ " in response.text  # placeholders for axon-config, no secrets
+    recorder = client.get(f"{V1}/robot_types/{world.robot_type}/configs/recorder.yaml").text
+    assert "mode: always" in recorder
+    assert '"{{ ws_client_auth_token }}"' in recorder

@@ -361,15 +361,15 @@ def _open_window_for(
             reasons.append("full")
         else:
             return window
-    if "network" in reasons:
-        raise PermissionDeniedError(
-            f"registrations for factory {factory.name!r} are not accepted from {client_ip}",
-            code="network_not_allowed",
-        )
     if "full" in reasons:
         raise ConflictError(
             f"the enrollment window of factory {factory.name!r} has no registrations left",
             code="enrollment_exhausted",
+        )
+    if "network" in reasons:
+        raise PermissionDeniedError(
+            f"registrations for factory {factory.name!r} are not accepted from {client_ip}",
+            code="network_not_allowed",
         )
     raise PermissionDeniedError(
         f"the open enrollment window of factory {factory.name!r} does not admit "

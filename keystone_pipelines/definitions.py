@@ -5,13 +5,15 @@ from __future__ import annotations
 from dagster import Definitions
 
 from keystone_pipelines.defs.maintenance import (
+    prune_device_feed,
+    prune_device_feed_schedule,
     release_expired_leases,
     release_expired_leases_schedule,
 )
 from keystone_pipelines.resources import KeystoneDatabase
 
 defs = Definitions(
-    jobs=[release_expired_leases],
-    schedules=[release_expired_leases_schedule],
+    jobs=[release_expired_leases, prune_device_feed],
+    schedules=[release_expired_leases_schedule, prune_device_feed_schedule],
     resources={"database": KeystoneDatabase()},
 )

@@ -2,6 +2,8 @@
 
 # No `from __future__ import annotations` here: Dagster inspects op annotations at runtime.
 
+from datetime import timedelta
+
 from dagster import (
     DefaultScheduleStatus,
     MetadataValue,
@@ -13,6 +15,7 @@ from dagster import (
 )
 
 from keystone_core.services.episodes import release_expired_qa_leases
+from keystone_core.services.presence import prune
 from keystone_pipelines.resources import KeystoneDatabase
 
 
@@ -45,4 +48,36 @@ release_expired_leases_schedule = ScheduleDefinition(
     cron_schedule="*/5 * * * *",
     default_status=DefaultScheduleStatus.RUNNING,
     description="Safety net: every 5 minutes.",
+)
+
+
+DEVICE_EVENT_RETENTION = timedelta(days=30)
+DEVICE_COMMAND_RETENTION = timedelta(days=2)
+
+
+@op(description="Drop device events older than 30 days and finished device RPCs older than 2.")
+def prune_device_feed_op(context: OpExecutionContext, database: KeystoneDatabase) -> Output[int]:
+    with database.session() as session:
+        removed = prune(
+            session,
+            events_older_than=DEVICE_EVENT_RETENTION,
+            commands_older_than=DEVICE_COMMAND_RETENTION,
+        )
+    context.log.info("removed %d old device events and RPC rows", removed)
+    return Output(removed, metadata={"removed": removed})
+
+
+@job(
+    description="Retention of the device event feed and of answered device RPCs.",
+    tags={"keystone/kind": "maintenance"},
+)
+def prune_device_feed() -> None:
+    prune_device_feed_op()
+
+
+prune_device_feed_schedule = ScheduleDefinition(
+    job=prune_device_feed,
+    cron_schedule="17 3 * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Daily at 03:17 UTC.",
 )

@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from dagster import DagsterInstance
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from keystone_core import clock
 from keystone_core.db import create_db_engine
@@ -63,3 +63,24 @@ def test_lease_recovery_job_returns_only_expired_leases_to_the_queue(
         assert released.qa_lease_owner is None
         assert kept.status == EpisodeStatus.QA_RUNNING
     engine.dispose()
+
+
+def test_the_device_feed_is_pruned_by_age(settings: Settings, sqlite_engine: object) -> None:
+    from keystone_core.models import DeviceEvent
+
+    engine = create_db_engine(settings)
+    now = clock.now()
+    with Session(engine) as session:
+        session.add(DeviceEvent(kind="old", created_at=now - timedelta(days=31)))
+        session.add(DeviceEvent(kind="new", created_at=now - timedelta(days=1)))
+        session.commit()
+    job = defs.resolve_job_def("prune_device_feed")
+    with DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            resources={"database": KeystoneDatabase(database_url=settings.database_url)},
+        )
+    assert result.output_for_node("prune_device_feed_op") == 1
+    with Session(engine) as session:
+        kinds = [e.kind for e in session.exec(select(DeviceEvent)).all()]
+    assert kinds == ["new"]

@@ -17,6 +17,8 @@ from keystone_core.settings import Settings
 LOGIN = "login"
 REGISTRATION = "registration"
 CALLBACK = "callback"
+# Robots behind one NAT share an address: the per-address limit is ten devices' worth.
+CALLBACK_ADDRESS = "callback_address"
 
 
 def install_rate_limiters(app: FastAPI, settings: Settings) -> None:
@@ -24,6 +26,7 @@ def install_rate_limiters(app: FastAPI, settings: Settings) -> None:
         LOGIN: RateLimiter(settings.login_rate_per_minute, 60.0),
         REGISTRATION: RateLimiter(settings.registration_rate_per_minute, 60.0),
         CALLBACK: RateLimiter(settings.callback_rate_per_minute, 60.0),
+        CALLBACK_ADDRESS: RateLimiter(10 * settings.callback_rate_per_minute, 60.0),
     }
 
 

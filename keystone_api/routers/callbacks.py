@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from keystone_api.deps import SettingsDep, get_engine
 from keystone_api.errors import ErrorBody
-from keystone_api.ratelimits import CALLBACK, client_ip, hit
+from keystone_api.ratelimits import CALLBACK, CALLBACK_ADDRESS, client_ip, hit
 from keystone_core import clock
 from keystone_core.db import run_transaction, session_scope
 from keystone_core.errors import BadRequest, NotFoundError, PayloadTooLarge
@@ -135,7 +135,7 @@ def _handle(
 async def start(
     request: Request, settings: SettingsDep, engine: Annotated[Engine, Depends(get_engine)]
 ) -> StartAcknowledged:
-    hit(request, CALLBACK, f"ip:{client_ip(request)}")
+    hit(request, CALLBACK_ADDRESS, f"ip:{client_ip(request)}")
     body = await _read_body(request, settings)
     result = await run_in_threadpool(_handle, "start", request, settings, engine, body)
     return StartAcknowledged(task_status=result.after, acknowledged_at=clock.now())
@@ -157,7 +157,7 @@ async def start(
 async def finish(
     request: Request, settings: SettingsDep, engine: Annotated[Engine, Depends(get_engine)]
 ) -> FinishAcknowledged:
-    hit(request, CALLBACK, f"ip:{client_ip(request)}")
+    hit(request, CALLBACK_ADDRESS, f"ip:{client_ip(request)}")
     body = await _read_body(request, settings)
     result = await run_in_threadpool(_handle, "finish", request, settings, engine, body)
     if result.changed:

@@ -114,6 +114,8 @@ def api_env(
             "KEYSTONE_DEVICE_HEARTBEAT_S": "1",
             "KEYSTONE_RECORDER_RPC_TIMEOUT_S": "3",
             "KEYSTONE_RECORDER_FINISH_TIMEOUT_S": "5",
+            # Low enough that a test can flood past it.
+            "KEYSTONE_RECORDER_FRAME_RATE_PER_SECOND": "50",
             "KEYSTONE_LOG_LEVEL": "INFO",
             # Every test signs in and registers from 127.0.0.1.
             "KEYSTONE_LOGIN_RATE_PER_MINUTE": "10000",

@@ -727,7 +727,7 @@ def test_c_cb_7_malformed_or_oversized_bodies_are_400_or_413(
 
 
 async def test_a_rotated_token_keeps_the_old_one_for_the_overlap(
-    live_api: LiveApi, device: Device
+    live_api: LiveApi, device: Device, db: Engine
 ) -> None:
     async with httpx.AsyncClient(
         base_url=live_api.base_url, headers=device.world.admin_headers
@@ -740,6 +740,17 @@ async def test_a_rotated_token_keeps_the_old_one_for_the_overlap(
     assert rotated.json()["previous_valid_until"] is not None
     assert await upgrade_status(device.rpc_url, new) == 101
     assert await upgrade_status(device.rpc_url, device.token) == 101
+    # Once the overlap is over, only the new token works.
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE device_credentials SET expires_at='2020-01-01' WHERE robot_id=:r "
+                "AND expires_at IS NOT NULL"
+            ),
+            {"r": int(device.registration["robot_id"])},
+        )
+    assert await upgrade_status(device.rpc_url, device.token) == 401
+    assert await upgrade_status(device.rpc_url, new) == 101
 
 
 async def test_decommissioning_closes_the_socket_and_refuses_the_device(
@@ -755,6 +766,16 @@ async def test_decommissioning_closes_the_socket_and_refuses_the_device(
     assert recorder.ws is not None
     await asyncio.wait_for(recorder.ws.wait_closed(), 10)
     assert await upgrade_status(device.rpc_url, device.token) == 404
+    from botocore.exceptions import ClientError
+
+    from keystone_core.storage import create_s3_client_for_endpoint
+
+    s3 = device.registration["s3"]
+    revoked = create_s3_client_for_endpoint(
+        s3["endpoint_url"], access_key=s3["access_key"], secret_key=s3["secret_key"]
+    )
+    with pytest.raises(ClientError):
+        revoked.put_object(Bucket=s3["bucket"], Key=f"{s3['prefix']}late.mcap", Body=b"x")
     status, _ = post_like_recorder(
         f"{api.base_url}/api/v1/callbacks/start",
         start_body(device.world.task_ids[0], device.device_id),
@@ -872,3 +893,45 @@ def test_c_reg_2_every_template_placeholder_is_in_the_registration_response(
     assert transfer["device_id"] == device.device_id
     assert transfer["ws"]["url"] == device.registration["endpoints"]["transfer_ws_url"]
     assert transfer["uploader"]["s3"]["access_key"] == device.registration["s3"]["access_key"]
+
+
+async def test_a_flooding_device_is_limited_without_affecting_others(
+    api: httpx.AsyncClient, device: Device, recorder: ReplayRecorder, live_api: LiveApi
+) -> None:
+    other = register(live_api, device.world)
+    quiet = ReplayRecorder(
+        other["endpoints"]["recorder_rpc_url"], other["ws_client_auth_token"], other["device_id"]
+    )
+    await quiet.connect()
+    quiet.start()
+    await connected(api, device.device_id)
+    await connected(api, other["device_id"])
+    assert recorder.ws is not None
+    # Frames are handled one at a time per socket (a flood of state updates queues behind
+    # itself); cheap ones arrive faster than the per-socket rate and are dropped.
+    frame = '{"data":{},"type":"flood"}'
+    await asyncio.gather(*(recorder.ws.send(frame) for _ in range(600)))
+    reply = await api.get(f"/api/v1/recorder/{other['device_id']}/stats")
+    assert reply.status_code == 200
+    metrics = (await api.get("/metrics")).text
+    assert 'keystone_device_frames_rejected_total{channel="recorder",reason="rate"}' in metrics
+    await quiet.close()
+
+
+def test_a_flood_of_callbacks_is_rate_limited_per_device(
+    live_api: LiveApi, device: Device, db: Engine
+) -> None:
+    task_id, token = configured(db, device, live_api)
+    url = f"{live_api.base_url}/api/v1/callbacks/start"
+    body = start_body(task_id, device.device_id)
+    statuses = [post_like_recorder(url, body, token)[0] for _ in range(130)]
+    assert statuses[0] == 200
+    assert statuses[-1] == 429
+    other = register(live_api, device.world)  # another device is not affected
+    second, other_token = device.world.task_ids[1], other["ws_client_auth_token"]
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE tasks SET robot_id=:r WHERE task_id=:t"),
+            {"r": int(other["robot_id"]), "t": second},
+        )
+    assert post_like_recorder(url, start_body(second, other["device_id"]), other_token)[0] == 200

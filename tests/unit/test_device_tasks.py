@@ -141,3 +141,20 @@ def test_a_task_id_unsafe_for_file_names_is_refused(session: Session, settings: 
     with pytest.raises(ConflictError) as raised:
         device_tasks.task_config(session, settings, task, DeviceEndpoints("http://h:1"))
     assert raised.value.code == "task_not_configurable"
+
+
+def test_replies_without_data_and_to_unknown_requests_are_harmless(session: Session) -> None:
+    robot, task = robot_task(session, status=TaskStatus.READY)
+    reply = {"message": "Unknown action: x", "request_id": "r", "success": False}
+    recorder.on_reply(session, identity_of(robot), "c", None, reply)  # C-REC-14
+    session.refresh(task)
+    assert task.status is TaskStatus.READY
+
+
+def test_finish_like_actions_wait_for_the_long_timeout(settings: Settings) -> None:
+    from keystone_api.ws.recorder import RecorderHub
+
+    hub = RecorderHub(engine=None, settings=settings)  # type: ignore[arg-type]
+    assert hub.timeout_for("finish") == settings.recorder_finish_timeout_s >= 120  # C-REC-9
+    assert hub.timeout_for("quit") == settings.recorder_finish_timeout_s
+    assert hub.timeout_for("get_state") == settings.recorder_rpc_timeout_s

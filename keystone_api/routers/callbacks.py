@@ -117,6 +117,17 @@ def _handle(
         raise
 
 
+async def _receive(
+    kind: str, request: Request, settings: Settings, engine: Engine
+) -> device_tasks.Advance:
+    hit(request, CALLBACK_ADDRESS, f"ip:{client_ip(request)}")
+    body = await _read_body(request, settings)
+    result: device_tasks.Advance = await run_in_threadpool(
+        _handle, kind, request, settings, engine, body
+    )
+    return result
+
+
 @router.post(
     "/start",
     response_model=StartAcknowledged,
@@ -135,9 +146,7 @@ def _handle(
 async def start(
     request: Request, settings: SettingsDep, engine: Annotated[Engine, Depends(get_engine)]
 ) -> StartAcknowledged:
-    hit(request, CALLBACK_ADDRESS, f"ip:{client_ip(request)}")
-    body = await _read_body(request, settings)
-    result = await run_in_threadpool(_handle, "start", request, settings, engine, body)
+    result = await _receive("start", request, settings, engine)
     return StartAcknowledged(task_status=result.after, acknowledged_at=clock.now())
 
 
@@ -157,9 +166,7 @@ async def start(
 async def finish(
     request: Request, settings: SettingsDep, engine: Annotated[Engine, Depends(get_engine)]
 ) -> FinishAcknowledged:
-    hit(request, CALLBACK_ADDRESS, f"ip:{client_ip(request)}")
-    body = await _read_body(request, settings)
-    result = await run_in_threadpool(_handle, "finish", request, settings, engine, body)
+    result = await _receive("finish", request, settings, engine)
     if result.changed:
         message = "Recording finished; waiting for the upload"
     else:

@@ -29,7 +29,7 @@ from keystone_api.errors import ErrorBody
 from keystone_api.ws.recorder import RecorderHub
 from keystone_core import clock
 from keystone_core.errors import ConflictError, NotFoundError
-from keystone_core.models import DeviceConnection, Robot, Task, TaskStatus
+from keystone_core.models import DeviceConnection, Robot, Role, Task, TaskStatus
 from keystone_core.services import device_tasks, devices, presence
 from keystone_core.services.devices import DeviceIdentity
 from keystone_core.settings import Settings
@@ -42,7 +42,6 @@ _FACADE_ERRORS: dict[int | str, dict[str, Any]] = {
     **CONFLICT,
     504: {"model": ErrorBody, "description": "the recorder did not answer in time"},
 }
-DeviceIdPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 def _hub(request: Request) -> RecorderHub:
@@ -153,24 +152,16 @@ async def list_devices(
 
     def work(session: Session) -> list[RecorderState]:
         rows = presence.list_connections(session, presence.RECORDER, scope.factory_ids)
-        visible = rows
-        if principal.user.data_collector_id is not None or scope.role.value == "data_collector":
-            allowed = {
-                r.id
-                for r in session.exec(
-                    select(Robot).where(col(Robot.id).in_([row.robot_id for row in rows]))
-                ).all()
-                if _may_see(session, principal, r)
-            }
-            visible = [row for row in rows if row.robot_id in allowed]
-        return [_state(row, row.device_id, settings) for row in visible]
+        if scope.role is Role.DATA_COLLECTOR:  # only the robot at the collector's station
+            rows = [row for row in rows if _may_see(session, principal, row.device_id)]
+        return [_state(row, row.device_id, settings) for row in rows]
 
     return RecorderDevices(devices=await _hub(request).db(work))
 
 
-def _may_see(session: Session, principal: Principal, robot: Robot) -> bool:
+def _may_see(session: Session, principal: Principal, device_id: str) -> bool:
     try:
-        devices.visible_device(session, principal.scope, robot.device_id)
+        devices.visible_device(session, principal.scope, device_id)
     except NotFoundError:
         return False
     return True
@@ -369,46 +360,42 @@ async def config(
     return await _run(request, principal, device_id, "config", plan)
 
 
-@router.post(
-    "/recorder/{device_id}/begin",
-    response_model=RecorderReply,
-    summary="Start recording the configured task",
-    responses=_FACADE_ERRORS,
-    name="recorder.begin",
+TargetFn = Callable[[Session, Settings, DeviceIdentity, str | None], str | None]
+
+
+def _with_task(action: str, summary: str, target: TargetFn) -> None:
+    """``begin``/``finish``: params ``{task_id}``, the body's or the recorder's cached one."""
+
+    async def handler(
+        device_id: str,
+        request: Request,
+        principal: CurrentPrincipal,
+        settings: SettingsDep,
+        body: TaskRef | None = None,
+    ) -> RecorderReply:
+        def plan(session: Session, device: DeviceIdentity) -> tuple[dict[str, Any], str | None]:
+            task_id = target(session, settings, device, body.task_id if body else None)
+            return ({"task_id": task_id} if task_id else {}), task_id
+
+        return await _run(request, principal, device_id, action, plan)
+
+    router.add_api_route(
+        f"/recorder/{{device_id}}/{action}",
+        handler,
+        methods=["POST"],
+        response_model=RecorderReply,
+        summary=summary,
+        responses=_FACADE_ERRORS,
+        name=f"recorder.{action}",
+    )
+
+
+_with_task("begin", "Start recording the configured task", _begin_target)
+_with_task(
+    "finish",
+    "Finish the recording (the reply waits for the device to hash the file)",
+    _active_target,
 )
-async def begin(
-    device_id: str,
-    request: Request,
-    principal: CurrentPrincipal,
-    settings: SettingsDep,
-    body: TaskRef | None = None,
-) -> RecorderReply:
-    def plan(session: Session, device: DeviceIdentity) -> tuple[dict[str, Any], str]:
-        task_id = _begin_target(session, settings, device, body.task_id if body else None)
-        return {"task_id": task_id}, task_id
-
-    return await _run(request, principal, device_id, "begin", plan)
-
-
-@router.post(
-    "/recorder/{device_id}/finish",
-    response_model=RecorderReply,
-    summary="Finish the recording (the reply waits for the device to hash the file)",
-    responses=_FACADE_ERRORS,
-    name="recorder.finish",
-)
-async def finish(
-    device_id: str,
-    request: Request,
-    principal: CurrentPrincipal,
-    settings: SettingsDep,
-    body: TaskRef | None = None,
-) -> RecorderReply:
-    def plan(session: Session, device: DeviceIdentity) -> tuple[dict[str, Any], str | None]:
-        task_id = _active_target(session, settings, device, body.task_id if body else None)
-        return ({"task_id": task_id} if task_id else {}), task_id
-
-    return await _run(request, principal, device_id, "finish", plan)
 
 
 def _simple(action: str, summary: str, *, needs_recording: bool) -> None:

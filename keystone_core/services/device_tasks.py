@@ -147,35 +147,26 @@ def drop_config(session: Session, task: Task, reason: str) -> bool:
     return True
 
 
-def fail_task(session: Session, task: Task, reason: str) -> bool:
+def _end_task(session: Session, task: Task, target: TaskStatus, values: dict[str, Any]) -> bool:
+    """Move an open task to a final state; False when it is final already (or moved first)."""
     assert task.id is not None
     if task.status in TASK.final:
         return False
     try:
-        transition_task(
-            session,
-            task.id,
-            TaskStatus.FAILED,
-            values={"error_message": reason[:2000], "completed_at": clock.now()},
-        )
+        transition_task(session, task.id, target, values=values)
     except TransitionConflict:
         return False
     session.refresh(task)
     return True
+
+
+def fail_task(session: Session, task: Task, reason: str) -> bool:
+    values = {"error_message": reason[:2000], "completed_at": clock.now()}
+    return _end_task(session, task, TaskStatus.FAILED, values)
 
 
 def cancel_task(session: Session, task: Task, reason: str) -> bool:
-    assert task.id is not None
-    if task.status in TASK.final:
-        return False
-    try:
-        transition_task(
-            session, task.id, TaskStatus.CANCELLED, values={"error_message": reason[:2000]}
-        )
-    except TransitionConflict:
-        return False
-    session.refresh(task)
-    return True
+    return _end_task(session, task, TaskStatus.CANCELLED, {"error_message": reason[:2000]})
 
 
 def mark_outcome_unknown(session: Session, task: Task, reason: str) -> None:

@@ -99,6 +99,12 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
         for action in ("config", "begin", "finish", "pause", "resume", "cancel", "clear", "quit")
     },
     ("GET", f"{V1}/device-state/stream"): EVERYONE,
+    # Transfer programs.
+    ("GET", f"{V1}/transfer/devices"): PRODUCTION,
+    **{
+        ("POST", f"{V1}/transfer/{{device_id}}/{action}"): MANAGERS
+        for action in ("upload_request", "upload_all", "status_query", "cancel")
+    },
     # People.
     **_crud(f"{V1}/data_collectors", read=MANAGERS, write=MANAGERS),
     **_crud(f"{V1}/inspectors", read=QUALITY, write=MANAGERS),

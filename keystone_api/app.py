@@ -20,6 +20,7 @@ from keystone_api.middleware import RequestContextMiddleware
 from keystone_api.ratelimits import install_rate_limiters
 from keystone_api.routers import ROUTERS
 from keystone_api.ws.recorder import RecorderHub, recorder_socket, reject_default_path
+from keystone_api.ws.transfer import TransferHub, transfer_socket
 from keystone_core.db import create_db_engine
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.settings import Settings, get_settings
@@ -40,11 +41,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await run_in_threadpool(prepare_database, app.state.engine, settings)
             app.state.recorder_hub = RecorderHub(app.state.engine, settings)
+            app.state.transfer_hub = TransferHub(app.state.engine, settings, app.state.s3)
             await app.state.recorder_hub.start()
+            await app.state.transfer_hub.start()
             log.info("keystone api ready (env=%s)", settings.env.value)
             try:
                 yield
             finally:
+                await app.state.transfer_hub.stop()
                 await app.state.recorder_hub.stop()
         finally:
             app.state.engine.dispose()
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Device sockets authenticate at the upgrade themselves (no app-wide dependency).
     app.router.routes.append(WebSocketRoute("/recorder/{device_id}", recorder_socket))
     app.router.routes.append(WebSocketRoute("/rpc", reject_default_path))
+    app.router.routes.append(WebSocketRoute("/transfer/{device_id}", transfer_socket))
     check_access_table(app)
     _mark_public_operations(app)
     return app

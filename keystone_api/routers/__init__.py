@@ -17,6 +17,7 @@ from keystone_api.routers import (
     recorder,
     robots,
     stations,
+    transfer,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -34,4 +35,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     devices.router,
     callbacks.router,
     recorder.router,
+    transfer.router,
 )

@@ -114,8 +114,13 @@ class LocalSocket:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class RecorderHub:
-    """This worker's recorder sockets, and the RPC path to every device's socket."""
+class DeviceHub:
+    """This worker's sockets of one device channel, and the way to every device's socket.
+
+    The recorder hub is this class as is; the transfer hub overrides admission, frame
+    handling and sending (its frames are flat and get no replies)."""
+
+    channel = presence.RECORDER
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
@@ -135,7 +140,7 @@ class RecorderHub:
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="recorder-hub")
+        self._task = asyncio.create_task(self._loop(), name=f"{self.channel}-hub")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -183,7 +188,7 @@ class RecorderHub:
         for connection_id in gone:
             conn = self.local.get(connection_id)
             if conn is not None:
-                log.info("closing superseded recorder socket of %s", conn.device.device_id)
+                log.info("closing superseded %s socket of %s", self.channel, conn.device.device_id)
                 with contextlib.suppress(Exception):
                     await conn.ws.close(1000)
 
@@ -193,11 +198,13 @@ class RecorderHub:
         device_id = ws.path_params.get("device_id", "")
         peer = peer_of(ws)
         try:
-            device = await self.db(lambda s: self._admit(s, device_id, bearer_of(ws.headers)))
+            device = await self.db(lambda s: self._admit(s, device_id, bearer_of(ws.headers), peer))
         except KeystoneError as exc:
-            status = 404 if isinstance(exc, NotFoundError) else 401
-            UPGRADES_REFUSED.labels(presence.RECORDER, exc.code).inc()
-            log.warning("recorder upgrade for %r from %s refused: %s", device_id, peer, exc.message)
+            status = self.refusal_status(exc)
+            UPGRADES_REFUSED.labels(self.channel, exc.code).inc()
+            log.warning(
+                "%s upgrade for %r from %s refused: %s", self.channel, device_id, peer, exc.message
+            )
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
             await ws.send_denial_response(
                 JSONResponse(
@@ -216,20 +223,21 @@ class RecorderHub:
                 robot_id=device.robot_id,
                 factory_id=device.factory_id,
                 device_id=device.device_id,
-                channel=presence.RECORDER,
+                channel=self.channel,
                 connection_id=connection_id,
                 worker_id=self.worker_id,
                 remote_addr=peer,
             )
         )
         self.local[connection_id] = conn
-        CONNECTIONS.labels(presence.RECORDER).set(len(self.local))
+        CONNECTIONS.labels(self.channel).set(len(self.local))
         if connected.replaced_connection_id is not None:
-            REPLACEMENTS.labels(presence.RECORDER, str(connected.rapid_replacement).lower()).inc()
+            REPLACEMENTS.labels(self.channel, str(connected.rapid_replacement).lower()).inc()
             level = logging.ERROR if connected.rapid_replacement else logging.INFO
             log.log(
                 level,
-                "recorder %s reconnected from %s; the older socket is closed%s",
+                "%s %s reconnected from %s; the older socket is closed%s",
+                self.channel,
                 device.device_id,
                 peer,
                 " (replaced twice within seconds: two processes share this device id?)"
@@ -245,10 +253,18 @@ class RecorderHub:
             reason = await self._receive_loop(conn)
         finally:
             self.local.pop(connection_id, None)
-            CONNECTIONS.labels(presence.RECORDER).set(len(self.local))
+            CONNECTIONS.labels(self.channel).set(len(self.local))
             await self.db(lambda s: presence.disconnect(s, connection_id, reason=reason))
 
-    def _admit(self, session: Session, device_id: str, token: str | None) -> DeviceIdentity:
+    def refusal_status(self, exc: KeystoneError) -> int:
+        return 404 if isinstance(exc, NotFoundError) else 401
+
+    def max_frame_bytes(self) -> int:
+        return self.settings.recorder_max_frame_bytes
+
+    def _admit(
+        self, session: Session, device_id: str, token: str | None, peer: str
+    ) -> DeviceIdentity:
         device = live_device(session, device_id)
         if not self.settings.recorder_require_token and token is None:
             return device
@@ -262,7 +278,7 @@ class RecorderHub:
         return device
 
     async def _receive_loop(self, conn: LocalSocket) -> str:
-        limit = self.settings.recorder_max_frame_bytes
+        limit = self.max_frame_bytes()
         while True:
             try:
                 message = await conn.ws.receive()
@@ -276,7 +292,7 @@ class RecorderHub:
                 continue
             size = len(raw) if isinstance(raw, bytes) else len(raw.encode())
             if size > limit:
-                REJECTED_FRAMES.labels(presence.RECORDER, "too_large").inc()
+                REJECTED_FRAMES.labels(self.channel, "too_large").inc()
                 log.warning(
                     "recorder %s sent a %d-byte frame (limit %d); closing with 1009",
                     conn.device.device_id,
@@ -288,7 +304,7 @@ class RecorderHub:
             try:
                 self._frames.hit(conn.connection_id)
             except RateLimited:
-                REJECTED_FRAMES.labels(presence.RECORDER, "rate").inc()
+                REJECTED_FRAMES.labels(self.channel, "rate").inc()
                 continue
             if size > 64 * 1024:
                 frame = await run_in_threadpool(parse_frame, raw)
@@ -299,7 +315,7 @@ class RecorderHub:
     async def _dispatch(self, conn: LocalSocket, frame: Any) -> None:
         device = conn.device
         if not isinstance(frame, dict):
-            REJECTED_FRAMES.labels(presence.RECORDER, "malformed").inc()
+            REJECTED_FRAMES.labels(self.channel, "malformed").inc()
             log.warning("recorder %s sent a frame that is not a JSON object", device.device_id)
             return
         kind = frame.get("type")
@@ -308,10 +324,10 @@ class RecorderHub:
             previous, current = data.get("previous"), data.get("current")
             task_id = data.get("task_id")
             if current not in recorder.STATES or previous not in recorder.STATES:
-                REJECTED_FRAMES.labels(presence.RECORDER, "malformed").inc()
+                REJECTED_FRAMES.labels(self.channel, "malformed").inc()
                 return
             timestamp = frame.get("timestamp")
-            FRAMES.labels(presence.RECORDER, kind).inc()
+            FRAMES.labels(self.channel, kind).inc()
             await self.db(
                 lambda s: recorder.on_state_update(
                     s,
@@ -324,13 +340,13 @@ class RecorderHub:
                 )
             )
         elif kind == "config_applied" and isinstance(data, dict):
-            FRAMES.labels(presence.RECORDER, kind).inc()
+            FRAMES.labels(self.channel, kind).inc()
             await self.db(lambda s: recorder.on_config_applied(s, device, conn.connection_id, data))
         elif kind == "rpc_response" and isinstance(frame.get("request_id"), str):
-            FRAMES.labels(presence.RECORDER, kind).inc()
+            FRAMES.labels(self.channel, kind).inc()
             await self._on_reply(conn, frame)
         else:
-            REJECTED_FRAMES.labels(presence.RECORDER, "unknown_type").inc()
+            REJECTED_FRAMES.labels(self.channel, "unknown_type").inc()
             log.warning(
                 "recorder %s sent an unexpected frame (type %r); ignored",
                 device.device_id,
@@ -392,7 +408,7 @@ class RecorderHub:
         heartbeat = self.settings.device_heartbeat_s
 
         def create(session: Session) -> DeviceCommand:
-            row = presence.current_connection(session, device.robot_id, presence.RECORDER)
+            row = presence.current_connection(session, device.robot_id, self.channel)
             if row is None or not presence.is_live(row, heartbeat):
                 raise ConflictError(
                     f"recorder {device.device_id} is not connected", code="recorder_not_connected"
@@ -453,6 +469,10 @@ class RecorderHub:
             result_unknown=True,
             request_id=request_id,
         )
+
+
+class RecorderHub(DeviceHub):
+    """The recorder channel (the base class is written for it)."""
 
 
 async def reject_default_path(ws: WebSocket) -> None:

@@ -6,7 +6,9 @@ from keystone_core.models.device import (
     DeviceCommand,
     DeviceConnection,
     DeviceEvent,
+    DeviceUpload,
     EnrollmentWindow,
+    TransferStatus,
 )
 from keystone_core.models.enums import (
     BatchStatus,
@@ -46,6 +48,7 @@ __all__ = [
     "DeviceConnection",
     "DeviceCredential",
     "DeviceEvent",
+    "DeviceUpload",
     "EnrollmentWindow",
     "Episode",
     "EpisodeStatus",
@@ -76,6 +79,7 @@ __all__ = [
     "SyncTarget",
     "Task",
     "TaskStatus",
+    "TransferStatus",
     "User",
     "UserFactory",
     "Webhook",

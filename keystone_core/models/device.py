@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from keystone_core import clock
 from keystone_core.db import UTCDateTime
-from keystone_core.models.base import Timestamped, fk_field, id_field, utc_field
+from keystone_core.models.base import IdType, Timestamped, fk_field, id_field, utc_field
 
 
 class EnrollmentWindow(Timestamped, table=True):
@@ -115,3 +115,57 @@ class DeviceEvent(SQLModel, table=True):
     created_at: dt.datetime = Field(
         default_factory=clock.now, sa_type=UTCDateTime, nullable=False, index=True
     )
+
+
+class DeviceUpload(Timestamped, table=True):
+    """One recording as the transfer program reports it, and what Keystone verified."""
+
+    __tablename__ = "device_uploads"
+    __table_args__ = (
+        UniqueConstraint("robot_id", "task_id", name="uq_device_uploads_robot_task"),
+        Index("ix_device_uploads_factory_status", "factory_id", "status"),
+    )
+
+    id: int | None = id_field()
+    robot_id: int = fk_field("robots.id", index=False)
+    factory_id: int = fk_field("factories.id", index=False)
+    device_id: str = Field(max_length=64)
+    task_id: str = Field(max_length=128)
+    # The device's record: pending|active|retry-wait|uploaded_wait_ack|completed|failed,
+    # or not_found (it answered upload_not_found) / rejected (enqueue refused).
+    status: str = Field(default="pending", max_length=24)
+    s3_key: str | None = Field(default=None, max_length=1024)
+    upload_mode: str = Field(default="", max_length=16)
+    file_size_bytes: int | None = Field(default=None, ge=0, sa_type=BigInteger)
+    checksum_sha256: str | None = Field(default=None, max_length=64)
+    retry_count: int = Field(default=0, ge=0)
+    last_error: str = Field(default="", max_length=2048)
+    last_error_category: str = Field(default="", max_length=32)
+    # Keystone's side: verification of the stored objects and the ACK.
+    verified_at: dt.datetime | None = utc_field()
+    verify_error: str = Field(default="", max_length=2048)
+    acked_at: dt.datetime | None = utc_field()
+    ack_count: int = Field(default=0, ge=0)
+    # An upload for a task that was cancelled meanwhile (kept for ops, never an episode).
+    orphan: bool = Field(default=False)
+    request_sent_at: dt.datetime | None = utc_field()
+
+
+class TransferStatus(SQLModel, table=True):
+    """The last full status of a device's transfer program (counts, waiting ACKs)."""
+
+    __tablename__ = "transfer_status"
+
+    robot_id: int = Field(primary_key=True, foreign_key="robots.id", sa_type=IdType)
+    factory_id: int = fk_field("factories.id")
+    device_id: str = Field(max_length=64)
+    version: str = Field(default="", max_length=32)
+    counts: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    waiting_ack_task_ids: list[str] = Field(default_factory=list, sa_type=JSON)
+    failed_task_ids: list[str] = Field(default_factory=list, sa_type=JSON)
+    pending_bytes: int = Field(default=0, sa_type=BigInteger)
+    bytes_per_sec: int = Field(default=0, sa_type=BigInteger)
+    destination: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    # SHA-256 of the last `uploads` list: an unchanged list is not written again.
+    uploads_digest: str = Field(default="", max_length=64)
+    reported_at: dt.datetime = utc_field(nullable=False)

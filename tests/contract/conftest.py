@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -297,3 +297,44 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> An
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Device:
+    world: World
+    registration: dict[str, Any]
+    station_id: str
+
+    @property
+    def device_id(self) -> str:
+        return str(self.registration["device_id"])
+
+    @property
+    def token(self) -> str:
+        return str(self.registration["ws_client_auth_token"])
+
+    @property
+    def rpc_url(self) -> str:
+        return str(self.registration["endpoints"]["recorder_rpc_url"])
+
+
+@pytest.fixture
+def device(live_api: LiveApi, db: Engine) -> Device:
+    world = seed_world(db, live_api)
+    registration = register(live_api, world)
+    station = place_at_station(live_api, world, registration["robot_id"])
+    bind_tasks(db, world, station)
+    return Device(world, registration, station)
+
+
+@pytest.fixture
+async def api(live_api: LiveApi, device: Device) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=live_api.base_url, headers=device.world.admin_headers, timeout=30
+    ) as client:
+        yield client

@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,58 +30,14 @@ from tests.contract.capture import (
     read_http_response,
 )
 from tests.contract.conftest import (
+    Device,
     LiveApi,
-    World,
-    bind_tasks,
-    place_at_station,
     register,
-    seed_world,
     task_row,
     wait_for,
 )
 
 pytestmark = [pytest.mark.contract, pytest.mark.integration, pytest.mark.anyio]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@dataclass
-class Device:
-    world: World
-    registration: dict[str, Any]
-    station_id: str
-
-    @property
-    def device_id(self) -> str:
-        return str(self.registration["device_id"])
-
-    @property
-    def token(self) -> str:
-        return str(self.registration["ws_client_auth_token"])
-
-    @property
-    def rpc_url(self) -> str:
-        return str(self.registration["endpoints"]["recorder_rpc_url"])
-
-
-@pytest.fixture
-def device(live_api: LiveApi, db: Engine) -> Device:
-    world = seed_world(db, live_api)
-    registration = register(live_api, world)
-    station = place_at_station(live_api, world, registration["robot_id"])
-    bind_tasks(db, world, station)
-    return Device(world, registration, station)
-
-
-@pytest.fixture
-async def api(live_api: LiveApi, device: Device) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=live_api.base_url, headers=device.world.admin_headers, timeout=30
-    ) as client:
-        yield client
 
 
 async def connected(api: httpx.AsyncClient, device_id: str, state: str = "idle") -> dict[str, Any]:

@@ -42,7 +42,12 @@ def list_routes() -> list[str]:
         and Role.ADMIN in rule
         # Not pages: the caller itself, an event stream, the live recorder list.
         and path
-        not in {"/api/v1/auth/me", "/api/v1/device-state/stream", "/api/v1/recorder/devices"}
+        not in {
+            "/api/v1/auth/me",
+            "/api/v1/device-state/stream",
+            "/api/v1/recorder/devices",
+            "/api/v1/transfer/devices",
+        }
     )
 
 

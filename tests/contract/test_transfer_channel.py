@@ -1,0 +1,392 @@
+"""The transfer channel (axon-protocol.md §5, C-TR/C-S3) against a live API and real S3.
+
+The device side sends the frames of §5.3 as the transfer program serialises them and
+uploads the real recorder's MCAP and sidecar (tests/contract/fixtures) with the device's
+own prefix-scoped key, the way the uploader does (checksum metadata on the MCAP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, text
+from websockets.asyncio.client import ClientConnection, connect
+
+from keystone_core.storage import create_s3_client_for_endpoint
+from tests.contract.capture import FIXTURES
+from tests.contract.conftest import Device, LiveApi, task_row
+from tests.contract.test_recorder_channel import upgrade_status
+
+pytestmark = [pytest.mark.contract, pytest.mark.integration, pytest.mark.anyio]
+
+MCAP = (FIXTURES / "recording" / "task-cap-0001.mcap").read_bytes()
+SIDECAR = (FIXTURES / "recording" / "task-cap-0001.json").read_bytes()
+CHECKSUM = "d894dea17c95661705fabe9c001828d1b71087d1577ce4b3c3ac53443fe18d5f"
+
+
+def iso_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def frame(kind: str, data: dict[str, Any]) -> str:
+    """Device → server envelope: keys sorted, compact (nlohmann's default)."""
+    return json.dumps(
+        {"data": data, "timestamp": iso_now(), "type": kind}, sort_keys=True, separators=(",", ":")
+    )
+
+
+def status_data(
+    device_id: str, uploads: list[dict[str, Any]], waiting: list[str]
+) -> dict[str, Any]:
+    return {
+        "active_count": 0,
+        "bytes_per_sec": 0,
+        "completed_count": 0,
+        "destination": {"bucket": "b", "endpoint_url": "http://s3", "region": "us-east-1"},
+        "device_id": device_id,
+        "failed_count": 0,
+        "pending_bytes": 0,
+        "pending_count": 0,
+        "progress": {},
+        "recovery": {
+            "incomplete_count": 0,
+            "recovered_count": 0,
+            "recovered_from_state": False,
+            "state_db_path": "/x",
+        },
+        "retry_wait_count": 0,
+        "status_counts": {
+            "active": 0,
+            "completed": 0,
+            "failed": 0,
+            "pending": 0,
+            "retry_wait": 0,
+            "uploaded_wait_ack": len(waiting),
+        },
+        "uploading_count": 0,
+        "uploads": uploads,
+        "version": "0.1.0",
+        "waiting_ack_count": len(waiting),
+        "waiting_ack_task_ids": waiting,
+    }
+
+
+def upload_entry(task_id: str, key: str, status: str = "uploaded_wait_ack") -> dict[str, Any]:
+    return {
+        "checksum_sha256": CHECKSUM,
+        "completed_at": None,
+        "delete_last_error": "",
+        "delete_last_error_category": "",
+        "delete_next_retry_at": None,
+        "delete_retry_count": 0,
+        "file_path": f"/axon/recording/{task_id}.mcap",
+        "file_size_bytes": len(MCAP),
+        "json_path": f"/axon/recording/{task_id}.json",
+        "last_error": "",
+        "last_error_category": "",
+        "next_retry_at": None,
+        "object_key": key,
+        "retry_count": 0,
+        "s3_key": key,
+        "status": status,
+        "task_id": task_id,
+        "updated_at": "2026-11-23T08:06:01Z",
+        "upload_mode": "mcap_json",
+    }
+
+
+def complete_data(task_id: str, key: str, checksum: str = CHECKSUM) -> dict[str, Any]:
+    return {
+        "bytes_uploaded": 0,
+        "checksum_sha256": checksum,
+        "duration_ms": 0,
+        "file_size_bytes": len(MCAP),
+        "object_key": key,
+        "s3_key": key,
+        "status": "uploaded_wait_ack",
+        "task_id": task_id,
+        "upload_mode": "mcap_json",
+    }
+
+
+class Transfer:
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[dict[str, Any]] = []
+
+    async def send(self, kind: str, data: dict[str, Any]) -> None:
+        await self.ws.send(frame(kind, data))
+
+    async def expect(
+        self, kind: str, task_id: str | None = None, timeout: float = 8
+    ) -> dict[str, Any]:
+        async def wait() -> dict[str, Any]:
+            while True:
+                got = json.loads(await self.ws.recv())
+                self.received.append(got)
+                if got.get("type") == kind and (task_id is None or got.get("task_id") == task_id):
+                    return dict(got)
+
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def none_of(self, kind: str, task_id: str, seconds: float = 2.5) -> None:
+        with contextlib.suppress(TimeoutError):
+            await self.expect(kind, task_id, timeout=seconds)
+            raise AssertionError(f"unexpected {kind} for {task_id}")
+
+
+@pytest.fixture
+async def transfer(live_api: LiveApi, device: Device) -> AsyncIterator[Transfer]:
+    url = device.registration["endpoints"]["transfer_ws_url"] + "/" + device.device_id
+    async with connect(
+        url, user_agent_header=None, compression=None, max_size=64 * 1024 * 1024
+    ) as ws:
+        yield Transfer(ws)
+
+
+def uploading_task(db: Engine, device: Device, index: int = 0) -> str:
+    task_id = device.world.task_ids[index]
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE tasks SET robot_id=:r, status='uploading' WHERE task_id=:t"),
+            {"r": int(device.registration["robot_id"]), "t": task_id},
+        )
+    return task_id
+
+
+def upload_objects(device: Device, task_id: str, *, checksum: str = CHECKSUM) -> str:
+    """PUT the MCAP and sidecar as axon-transfer does, with the device's own key."""
+    s3 = device.registration["s3"]
+    client = create_s3_client_for_endpoint(
+        s3["endpoint_url"], access_key=s3["access_key"], secret_key=s3["secret_key"]
+    )
+    day = dt.datetime.now(dt.UTC).date().isoformat()
+    key = f"{s3['prefix']}{day}/{task_id}.mcap"
+    client.put_object(
+        Bucket=s3["bucket"],
+        Key=key,
+        Body=MCAP,
+        ContentType="application/octet-stream",
+        Metadata={"checksum-sha256": checksum},
+    )
+    client.put_object(
+        Bucket=s3["bucket"], Key=key[:-5] + ".json", Body=SIDECAR, ContentType="application/json"
+    )
+    return key
+
+
+@pytest.fixture
+def bucket(device: Device, s3_server: Any) -> None:
+    s3 = device.registration["s3"]
+    admin = create_s3_client_for_endpoint(
+        s3_server.endpoint_url, access_key=s3_server.access_key, secret_key=s3_server.secret_key
+    )
+    with contextlib.suppress(Exception):
+        admin.create_bucket(Bucket=s3["bucket"])
+
+
+async def test_c_tr_a_verified_upload_is_acked_and_completes_the_task(
+    transfer: Transfer, device: Device, db: Engine, bucket: None
+) -> None:
+    await transfer.send("connected", status_data(device.device_id, [], []))
+    task_id = uploading_task(db, device)
+    request = await transfer.expect("upload_request", task_id)  # nothing uploads unasked
+    assert request == {"type": "upload_request", "task_id": task_id, "priority": 1}
+    key = upload_objects(device, task_id)
+    await transfer.send(
+        "upload_started",
+        {
+            "checksum_sha256": CHECKSUM,
+            "file_size_bytes": len(MCAP),
+            "files": [f"{task_id}.mcap", f"{task_id}.json"],
+            "object_key": key,
+            "s3_key": key,
+            "status": "pending",
+            "task_id": task_id,
+            "total_bytes": len(MCAP),
+            "upload_mode": "mcap_json",
+        },
+    )
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    ack = await transfer.expect("upload_ack", task_id)
+    assert ack == {"type": "upload_ack", "task_id": task_id}  # flat, no data wrapper
+    for _ in range(50):
+        row = task_row(db, task_id)
+        if row["status"] == "completed":
+            break
+        await asyncio.sleep(0.1)
+    assert row["status"] == "completed"
+    assert row["upload_acked_at"] is not None
+    with db.connect() as conn:
+        episode = (
+            conn.execute(
+                text(
+                    "SELECT e.status, e.mcap_path, e.checksum, e.duration_sec FROM episodes e "
+                    "JOIN tasks t ON t.id=e.task_id WHERE t.task_id=:t"
+                ),
+                {"t": task_id},
+            )
+            .mappings()
+            .one()
+        )
+        counted = conn.execute(
+            text("SELECT episode_count FROM orders WHERE id=:o"), {"o": device.world.order_id}
+        ).scalar()
+    assert episode["status"] == "pending_qa"
+    assert episode["mcap_path"] == key
+    assert episode["checksum"] == CHECKSUM
+    assert counted == 1
+    # The same upload_complete again (stale queue flush): same episode, ACKed again.
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    await transfer.expect("upload_ack", task_id)
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM episodes")).scalar() == 1
+        assert (
+            conn.execute(
+                text("SELECT episode_count FROM orders WHERE id=:o"), {"o": device.world.order_id}
+            ).scalar()
+            == 1
+        )
+
+
+async def test_a_checksum_mismatch_gets_no_ack_and_the_task_keeps_uploading(
+    transfer: Transfer, device: Device, db: Engine, bucket: None
+) -> None:
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id, checksum="0" * 64)
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    await transfer.none_of("upload_ack", task_id)
+    assert task_row(db, task_id)["status"] == "uploading"
+    with db.connect() as conn:
+        error = conn.execute(
+            text("SELECT verify_error FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+        ).scalar()
+    assert "checksum" in error
+
+
+async def test_a_key_outside_the_devices_prefix_gets_no_ack(
+    transfer: Transfer, device: Device, db: Engine, bucket: None
+) -> None:
+    task_id = uploading_task(db, device)
+    upload_objects(device, task_id)
+    foreign = f"{device.world.factory_id}/another-device/2026-11-23/{task_id}.mcap"
+    await transfer.send("upload_complete", complete_data(task_id, foreign))
+    await transfer.none_of("upload_ack", task_id)
+    await transfer.send("upload_complete", complete_data("task-unknown", foreign))
+    await transfer.none_of("upload_ack", "task-unknown", seconds=1)
+
+
+async def test_waiting_ack_ids_are_acked_again_on_reconnect(
+    live_api: LiveApi, device: Device, db: Engine, bucket: None
+) -> None:
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id)
+    url = device.registration["endpoints"]["transfer_ws_url"] + "/" + device.device_id
+    async with connect(url, user_agent_header=None, max_size=64 * 1024 * 1024) as ws:
+        # An ACK sent before upload_complete is lost on the device: it says so again here.
+        channel = Transfer(ws)
+        await channel.send(
+            "connected", status_data(device.device_id, [upload_entry(task_id, key)], [task_id])
+        )
+        await channel.expect("upload_ack", task_id)
+    async with connect(url, user_agent_header=None, max_size=64 * 1024 * 1024) as ws:
+        channel = Transfer(ws)
+        await channel.send("connected", status_data(device.device_id, [], [task_id]))
+        await channel.expect("upload_ack", task_id)  # verified before: ACKed from the DB
+
+    def acks() -> int:  # recorded right after the frame went out
+        with db.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT ack_count FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+                ).scalar()
+            )
+
+    for _ in range(50):
+        if acks() == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert acks() == 2
+
+
+async def test_large_status_frames_are_accepted_and_stored_once(
+    transfer: Transfer, device: Device, db: Engine, api: httpx.AsyncClient
+) -> None:
+    # A long-lived device lists every upload it ever made: ~700 B each, several MB.
+    entries = [
+        upload_entry(
+            f"old-{i:05d}",
+            f"{device.world.factory_id}/{device.device_id}/2026-01-01/old-{i:05d}.mcap",
+            status="completed",
+        )
+        for i in range(7000)
+    ]
+    big = status_data(device.device_id, entries, [])
+    assert len(frame("connected", big)) > 4 * 1024 * 1024
+    await transfer.send("connected", big)
+    await transfer.send("status", big)  # unchanged: not written again
+    await transfer.send(
+        "status",
+        {
+            "active_count": 0,
+            "completed_count": 0,
+            "failed_count": 0,
+            "pending_count": 2,
+            "retry_wait_count": 0,
+            "uploading_count": 0,
+        },
+    )  # the short form (upload_all reply)
+    for _ in range(100):
+        listed = (await api.get("/api/v1/transfer/devices")).json()["devices"]
+        if listed and listed[0]["status"] is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert listed[0]["device_id"] == device.device_id
+    assert listed[0]["connected"] is True
+    assert listed[0]["status"]["version"] == "0.1.0"
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM device_uploads")).scalar() == 7000
+
+
+async def test_rest_requests_reach_the_device_as_flat_frames(
+    transfer: Transfer, device: Device, api: httpx.AsyncClient
+) -> None:
+    await transfer.send("connected", status_data(device.device_id, [], []))
+    base = f"/api/v1/transfer/{device.device_id}"
+    sent = await api.post(f"{base}/upload_request", json={"task_id": "task-x", "priority": 3})
+    assert sent.json() == {"status": "sent"}, sent.text
+    assert await transfer.expect("upload_request", "task-x") == {
+        "type": "upload_request",
+        "task_id": "task-x",
+        "priority": 3,
+    }
+    assert (await api.post(f"{base}/status_query")).status_code == 200
+    assert await transfer.expect("status_query") == {"type": "status_query"}
+    bad = await api.post(f"{base}/upload_request", json={"task_id": "../x"})
+    assert bad.status_code == 422
+
+
+async def test_bad_frames_are_ignored_and_unknown_devices_refused(
+    transfer: Transfer, device: Device, live_api: LiveApi, api: httpx.AsyncClient
+) -> None:
+    for raw in (
+        "not json",
+        "[]",
+        '{"type": 5}',
+        '{"type":"upload_progress","data":{}}',
+        '{"type":"upload_complete","data":{"task_id":7}}',
+    ):
+        await transfer.ws.send(raw)
+    await transfer.send("connected", status_data(device.device_id, [], []))
+    sent = await api.post(f"/api/v1/transfer/{device.device_id}/status_query")
+    assert sent.status_code == 200  # still connected
+    assert await upgrade_status(f"{live_api.ws_url}/transfer/AB-F9999-T9999-000001", None) == 404
+    gone = await api.post("/api/v1/transfer/AB-F9999-T9999-000001/status_query")
+    assert gone.status_code == 404

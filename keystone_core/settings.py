@@ -133,6 +133,15 @@ class Settings(BaseSettings):
     recorder_require_transfer: bool = Field(
         False, description="Refuse `config` while the device's transfer program is not connected."
     )
+    ack_verify: Literal["metadata", "sha256"] = Field(
+        "sha256",
+        description=(
+            "What earns a device its upload_ack (after which it deletes its copy): "
+            "`metadata` = key, size, checksum metadata = sidecar checksum, MCAP summary "
+            "readable; `sha256` = that plus a re-hash of the stored MCAP by the Dagster "
+            "verify_uploads job (the device uploads unsigned payloads)."
+        ),
+    )
     device_heartbeat_s: float = Field(
         5.0, gt=0, le=300, description="How often a worker confirms the sockets it holds."
     )

@@ -10,10 +10,12 @@ from keystone_pipelines.defs.maintenance import (
     release_expired_leases,
     release_expired_leases_schedule,
 )
+from keystone_pipelines.defs.uploads import pending_verification_sensor, verify_uploads
 from keystone_pipelines.resources import KeystoneDatabase
 
 defs = Definitions(
-    jobs=[release_expired_leases, prune_device_feed],
+    jobs=[release_expired_leases, prune_device_feed, verify_uploads],
+    sensors=[pending_verification_sensor],
     schedules=[release_expired_leases_schedule, prune_device_feed_schedule],
     resources={"database": KeystoneDatabase()},
 )

@@ -15,13 +15,18 @@ from keystone_core.settings import Settings, load_settings
 
 
 class KeystoneDatabase(ConfigurableResource):  # type: ignore[type-arg]
-    """Keystone's database as configured by ``KEYSTONE_*`` (optionally another URL)."""
+    """Keystone's settings, database and object store as configured by ``KEYSTONE_*``
+    (the database URL and object store can be overridden, e.g. by tests)."""
 
     database_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
 
     @cached_property
     def settings(self) -> Settings:
-        overrides = {"database_url": self.database_url} if self.database_url else {}
+        names = ("database_url", "s3_endpoint_url", "s3_access_key", "s3_secret_key")
+        overrides = {n: getattr(self, n) for n in names if getattr(self, n)}
         return load_settings(**overrides)
 
     @cached_property

@@ -94,6 +94,14 @@ class TransferHub(DeviceHub):
         due = await self.db(
             lambda s: uploads.due_upload_requests(s, sorted(sockets), UPLOAD_REQUEST_COOLDOWN)
         )
+        # Verified by the verify_uploads job (or earlier) but not ACKed yet.
+        ready = await self.db(lambda s: uploads.verified_unacked(s, sorted(sockets)))
+        for robot_id, task_id in ready:
+            conn = sockets[robot_id]
+            if await self._send(conn, {"type": "upload_ack", "task_id": task_id}):
+                ACKS.labels("verified").inc()
+                mark = functools.partial(uploads.mark_acked, device=conn.device, task_id=task_id)
+                await self.db(mark)
         for robot_id, task_id in due:
             conn = sockets[robot_id]
             frame = {"type": "upload_request", "task_id": task_id, "priority": 1}
@@ -192,10 +200,18 @@ class TransferHub(DeviceHub):
             verification = await run_in_threadpool(
                 uploads.verify_objects, self.settings, self.s3, device, report
             )
+            rehash = self.settings.ack_verify == "sha256"
             decision = await self.db(
-                lambda s: uploads.record_verification(s, device, report, verification)
+                lambda s: uploads.record_verification(
+                    s, device, report, verification, rehash=rehash
+                )
             )
-            VERIFICATIONS.labels("verified" if decision.ack else "rejected").inc()
+            outcome = (
+                "checked" if decision.pending_hash else "verified" if decision.ack else "rejected"
+            )
+            VERIFICATIONS.labels(outcome).inc()
+            if decision.pending_hash:
+                return  # the verify_uploads job re-hashes it; the tick ACKs it then
             if not decision.ack:
                 log.warning(
                     "no ACK for %s of %s: %s", report.task_id, device.device_id, decision.reason

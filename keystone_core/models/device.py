@@ -16,7 +16,14 @@ from sqlmodel import Field, SQLModel
 
 from keystone_core import clock
 from keystone_core.db import UTCDateTime
-from keystone_core.models.base import IdType, Timestamped, fk_field, id_field, utc_field
+from keystone_core.models.base import (
+    IdType,
+    Timestamped,
+    double_field,
+    fk_field,
+    id_field,
+    utc_field,
+)
 
 
 class EnrollmentWindow(Timestamped, table=True):
@@ -141,8 +148,17 @@ class DeviceUpload(Timestamped, table=True):
     retry_count: int = Field(default=0, ge=0)
     last_error: str = Field(default="", max_length=2048)
     last_error_category: str = Field(default="", max_length=32)
-    # Keystone's side: verification of the stored objects and the ACK.
-    verified_at: dt.datetime | None = utc_field()
+    # Keystone's side: the objects as checked (key, size, checksums, sidecar, summary) …
+    bucket: str = Field(default="", max_length=255)
+    sidecar_key: str | None = Field(default=None, max_length=1024)
+    recording_started_at: dt.datetime | None = utc_field()
+    duration_sec: float | None = double_field(ge=0)
+    checked_at: dt.datetime | None = utc_field()
+    # … the stored MCAP re-hashed (KEYSTONE_ACK_VERIFY=sha256) by the verify_uploads job,
+    # which claims rows with a lease …
+    hash_lease_until: dt.datetime | None = utc_field()
+    # … and verified (an episode exists), then ACKed.
+    verified_at: dt.datetime | None = utc_field(index=True)
     verify_error: str = Field(default="", max_length=2048)
     acked_at: dt.datetime | None = utc_field()
     ack_count: int = Field(default=0, ge=0)

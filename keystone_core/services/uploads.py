@@ -398,12 +398,20 @@ class Decision:
     ack: bool
     reason: str = ""
     episode_id: str | None = None
+    # Checked, waiting for the stored object to be re-hashed (KEYSTONE_ACK_VERIFY=sha256).
+    pending_hash: bool = False
 
 
 def record_verification(
-    session: Session, device: DeviceIdentity, report: Reported, verification: Verification
+    session: Session,
+    device: DeviceIdentity,
+    report: Reported,
+    verification: Verification,
+    *,
+    rehash: bool,
 ) -> Decision:
-    """Store the outcome; on success create the episode (once). ``ack`` says whether to ACK."""
+    """Store the outcome of the object checks. With ``rehash`` the episode waits for the
+    ``verify_uploads`` job; otherwise it is created now. ``ack`` says whether to ACK now."""
     row = _upload(session, device, report.task_id)
     _apply(row, report)
     if row.status not in DEVICE_STATUSES:
@@ -421,30 +429,45 @@ def record_verification(
         _save(session, row)
         _event(session, device, "upload_rejected", report.task_id, {"reason": row.verify_error})
         return Decision(False, row.verify_error)
-    row.verified_at = row.verified_at or clock.now()
+    recording = verification.sidecar.get("recording", {}) if verification.sidecar else {}
+    row.bucket = verification.bucket
+    row.sidecar_key = verification.sidecar_key
+    row.recording_started_at = _parse_time(recording.get("recording_started_at"))
+    row.duration_sec = _float(recording.get("duration_sec"))
+    row.file_size_bytes = verification.size
+    row.checksum_sha256 = verification.checksum
+    row.checked_at = row.checked_at or clock.now()
     row.verify_error = ""
     if task.status in (TaskStatus.CANCELLED, TaskStatus.FAILED):
-        # Verified and kept for ops to decide; the device may free its disk.
+        # Checked and kept for ops to decide; the device may free its disk.
         row.orphan = True
+        row.verified_at = row.verified_at or clock.now()
         _save(session, row)
         _event(session, device, "upload_orphan", report.task_id, {"s3_key": report.s3_key})
         return Decision(True, "task is " + task.status.value)
+    if rehash and row.verified_at is None:
+        _save(session, row)
+        return Decision(False, "waiting for the SHA-256 of the stored object", pending_hash=True)
     _save(session, row)
-    episode = _episode(session, device, task, verification)
+    episode = finalize(session, row, task)
     return Decision(True, episode_id=episode.episode_id)
 
 
-def _episode(
-    session: Session, device: DeviceIdentity, task: Task, verification: Verification
-) -> Episode:
-    """One episode per task; a repeated upload_complete finds the same row."""
+def finalize(session: Session, row: DeviceUpload, task: Task | None = None) -> Episode:
+    """The upload is verified: its episode (one per task, ``pending_qa``) and the counters."""
+    if task is None:
+        task = session.exec(
+            select(Task).where(col(Task.task_id) == row.task_id, col(Task.robot_id) == row.robot_id)
+        ).one()
     assert task.id is not None
+    row.verified_at = row.verified_at or clock.now()
+    _save(session, row)
     existing = session.exec(select(Episode).where(col(Episode.task_id) == task.id)).first()
     if existing is not None:
         return existing
-    recording = verification.sidecar.get("recording", {}) if verification.sidecar else {}
-    started = _parse_time(recording.get("recording_started_at"))
-    key_date = dt.date.fromisoformat(verification.mcap_key.split("/")[-2])
+    assert row.s3_key is not None
+    key_date = dt.date.fromisoformat(row.s3_key.split("/")[-2])
+    started = row.recording_started_at
     now = clock.now()
     episode = Episode(
         episode_id=f"episode_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(4)}",
@@ -452,17 +475,17 @@ def _episode(
         factory_id=task.factory_id,
         order_id=task.order_id,
         batch_id=task.batch_id,
-        robot_id=device.robot_id,
-        device_id=device.device_id,
+        robot_id=row.robot_id,
+        device_id=row.device_id,
         recording_date=started.date() if started else key_date,
         recording_started_at=started,
-        duration_sec=_float(recording.get("duration_sec")),
-        bucket=verification.bucket,
-        mcap_path=verification.mcap_key,
-        sidecar_path=verification.sidecar_key,
-        file_size_bytes=verification.size,
-        checksum=verification.checksum,
-        verified_at=now,
+        duration_sec=row.duration_sec,
+        bucket=row.bucket,
+        mcap_path=row.s3_key,
+        sidecar_path=row.sidecar_key,
+        file_size_bytes=row.file_size_bytes,
+        checksum=row.checksum_sha256,
+        verified_at=row.verified_at,
     )
     session.add(episode)
     session.flush()
@@ -483,6 +506,93 @@ def _parse_time(value: Any) -> dt.datetime | None:
 
 def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and value >= 0 else None
+
+
+# --- re-hashing the stored object (the verify_uploads job) ---------------------------------
+
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def claim_for_hashing(session: Session, limit: int, lease: dt.timedelta) -> list[DeviceUpload]:
+    """Checked uploads still to re-hash, leased to the caller (skip rows others hold)."""
+    now = clock.now()
+    query = (
+        select(DeviceUpload)
+        .where(
+            col(DeviceUpload.checked_at).is_not(None),
+            col(DeviceUpload.verified_at).is_(None),
+            col(DeviceUpload.verify_error) == "",
+            (col(DeviceUpload.hash_lease_until).is_(None))
+            | (col(DeviceUpload.hash_lease_until) < now),
+        )
+        .order_by(col(DeviceUpload.checked_at))
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name in {"mysql", "mariadb"}:
+        query = query.with_for_update(skip_locked=True)
+    rows = list(session.exec(query).all())
+    for row in rows:
+        row.hash_lease_until = now + lease
+        session.add(row)
+    session.flush()
+    return rows
+
+
+def hash_object(s3: S3Client, bucket: str, key: str) -> tuple[str, int]:
+    """SHA-256 and size of a stored object, streamed (never held in memory)."""
+    digest = hashlib.sha256()
+    size = 0
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        for chunk in iter(lambda: body.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        body.close()
+    return digest.hexdigest(), size
+
+
+def complete_hash(session: Session, upload_id: int, digest: str | None, error: str = "") -> bool:
+    """Record a re-hash; a match verifies the upload (episode created). True when verified."""
+    row = session.exec(
+        select(DeviceUpload).where(col(DeviceUpload.id) == upload_id).with_for_update()
+    ).one()
+    row.hash_lease_until = None
+    if row.verified_at is not None:
+        _save(session, row)
+        return True
+    if error or digest != row.checksum_sha256:
+        row.verify_error = error or (
+            f"stored object SHA-256 {digest} ≠ reported {row.checksum_sha256}"
+        )
+        _save(session, row)
+        presence.record_event(
+            session,
+            "upload_rejected",
+            factory_id=row.factory_id,
+            robot_id=row.robot_id,
+            device_id=row.device_id,
+            task_id=row.task_id,
+            data={"reason": row.verify_error},
+        )
+        return False
+    finalize(session, row)
+    return True
+
+
+def verified_unacked(session: Session, robot_ids: list[int]) -> list[tuple[int, str]]:
+    """Uploads verified since the last look that the device has not been ACKed for."""
+    if not robot_ids:
+        return []
+    rows = session.exec(
+        select(DeviceUpload.robot_id, DeviceUpload.task_id).where(
+            col(DeviceUpload.robot_id).in_(robot_ids),
+            col(DeviceUpload.verified_at).is_not(None),
+            col(DeviceUpload.acked_at).is_(None),
+        )
+    ).all()
+    return [(int(r), str(t)) for r, t in rows]
 
 
 def verified_upload(session: Session, device: DeviceIdentity, task_id: str) -> DeviceUpload | None:

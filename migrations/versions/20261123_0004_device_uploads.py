@@ -2,7 +2,7 @@
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-11-23 13:07:58.038260
+Create Date: 2026-11-23 13:17:33.103201
 """
 
 from collections.abc import Sequence
@@ -38,6 +38,12 @@ def upgrade() -> None:
     sa.Column('retry_count', sa.Integer(), nullable=False),
     sa.Column('last_error', sqlmodel.sql.sqltypes.AutoString(length=2048), nullable=False),
     sa.Column('last_error_category', sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+    sa.Column('bucket', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
+    sa.Column('sidecar_key', sqlmodel.sql.sqltypes.AutoString(length=1024), nullable=True),
+    sa.Column('recording_started_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('duration_sec', sa.Double(), nullable=True),
+    sa.Column('checked_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('hash_lease_until', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('verified_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('verify_error', sqlmodel.sql.sqltypes.AutoString(length=2048), nullable=False),
     sa.Column('acked_at', keystone_core.db.UTCDateTime(), nullable=True),
@@ -52,6 +58,7 @@ def upgrade() -> None:
     with op.batch_alter_table('device_uploads', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_device_uploads_created_at'), ['created_at'], unique=False)
         batch_op.create_index('ix_device_uploads_factory_status', ['factory_id', 'status'], unique=False)
+        batch_op.create_index(batch_op.f('ix_device_uploads_verified_at'), ['verified_at'], unique=False)
 
     op.create_table('transfer_status',
     sa.Column('robot_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),

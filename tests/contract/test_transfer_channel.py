@@ -182,6 +182,28 @@ def upload_objects(device: Device, task_id: str, *, checksum: str = CHECKSUM) ->
     return key
 
 
+def run_verify_job(live: LiveApi) -> int:
+    """One ``verify_uploads`` run, in process, on the live API's database and store."""
+    from dagster import DagsterInstance
+
+    from keystone_pipelines.definitions import defs
+    from keystone_pipelines.resources import KeystoneDatabase
+
+    env = live.env
+    resource = KeystoneDatabase(
+        database_url=env["KEYSTONE_DATABASE_URL"],
+        s3_endpoint_url=env["KEYSTONE_S3_ENDPOINT_URL"],
+        s3_access_key=env["KEYSTONE_S3_ACCESS_KEY"],
+        s3_secret_key=env["KEYSTONE_S3_SECRET_KEY"],
+    )
+    with DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("verify_uploads").execute_in_process(
+            instance=instance, resources={"database": resource}
+        )
+    assert result.success
+    return int(result.output_for_node("verify_uploads_op"))
+
+
 @pytest.fixture
 def bucket(device: Device, s3_server: Any) -> None:
     s3 = device.registration["s3"]
@@ -193,7 +215,7 @@ def bucket(device: Device, s3_server: Any) -> None:
 
 
 async def test_c_tr_a_verified_upload_is_acked_and_completes_the_task(
-    transfer: Transfer, device: Device, db: Engine, bucket: None
+    transfer: Transfer, device: Device, db: Engine, bucket: None, live_api: LiveApi
 ) -> None:
     await transfer.send("connected", status_data(device.device_id, [], []))
     task_id = uploading_task(db, device)
@@ -215,6 +237,10 @@ async def test_c_tr_a_verified_upload_is_acked_and_completes_the_task(
         },
     )
     await transfer.send("upload_complete", complete_data(task_id, key))
+    # KEYSTONE_ACK_VERIFY=sha256 (the default): checked now, ACKed once re-hashed.
+    await transfer.none_of("upload_ack", task_id, seconds=1.5)
+    assert task_row(db, task_id)["status"] == "uploading"
+    assert await asyncio.to_thread(run_verify_job, live_api) == 1
     ack = await transfer.expect("upload_ack", task_id)
     assert ack == {"type": "upload_ack", "task_id": task_id}  # flat, no data wrapper
     for _ in range(50):
@@ -295,6 +321,8 @@ async def test_waiting_ack_ids_are_acked_again_on_reconnect(
         await channel.send(
             "connected", status_data(device.device_id, [upload_entry(task_id, key)], [task_id])
         )
+        await channel.none_of("upload_ack", task_id, seconds=1)
+        await asyncio.to_thread(run_verify_job, live_api)
         await channel.expect("upload_ack", task_id)
     async with connect(url, user_agent_header=None, max_size=64 * 1024 * 1024) as ws:
         channel = Transfer(ws)
@@ -390,3 +418,66 @@ async def test_bad_frames_are_ignored_and_unknown_devices_refused(
     assert await upgrade_status(f"{live_api.ws_url}/transfer/AB-F9999-T9999-000001", None) == 404
     gone = await api.post("/api/v1/transfer/AB-F9999-T9999-000001/status_query")
     assert gone.status_code == 404
+
+
+async def test_bytes_that_do_not_hash_to_the_checksum_are_never_acked(
+    transfer: Transfer, device: Device, db: Engine, bucket: None, live_api: LiveApi
+) -> None:
+    """Metadata and sidecar agree, but the stored bytes differ (an unsigned upload)."""
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id)
+    s3 = device.registration["s3"]
+    client = create_s3_client_for_endpoint(
+        s3["endpoint_url"], access_key=s3["access_key"], secret_key=s3["secret_key"]
+    )
+    tampered = MCAP[:100] + bytes([MCAP[100] ^ 0xFF]) + MCAP[101:]
+    client.put_object(
+        Bucket=s3["bucket"], Key=key, Body=tampered, Metadata={"checksum-sha256": CHECKSUM}
+    )
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    await asyncio.sleep(1)
+    assert await asyncio.to_thread(run_verify_job, live_api) == 0
+    await transfer.none_of("upload_ack", task_id)
+    assert task_row(db, task_id)["status"] == "uploading"
+    with db.connect() as conn:
+        error = conn.execute(
+            text("SELECT verify_error FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+        ).scalar()
+    assert "SHA-256" in error
+
+
+async def test_metadata_level_acks_right_after_the_checks(
+    device: Device, db: Engine, bucket: None, live_api: LiveApi, tmp_path: Any
+) -> None:
+    from tests.contract.conftest import start_api, stop_api
+
+    quick = start_api({**live_api.env, "KEYSTONE_ACK_VERIFY": "metadata"}, tmp_path / "m.log")
+    try:
+        task_id = uploading_task(db, device)
+        key = upload_objects(device, task_id)
+        url = f"{quick.ws_url}/transfer/{device.device_id}"
+        async with connect(url, user_agent_header=None, max_size=64 * 1024 * 1024) as ws:
+            channel = Transfer(ws)
+            await channel.send("upload_complete", complete_data(task_id, key))
+            await channel.expect("upload_ack", task_id)
+    finally:
+        stop_api(quick.process)
+
+
+async def test_an_upload_for_a_cancelled_task_is_kept_as_orphan_and_acked(
+    transfer: Transfer, device: Device, db: Engine, bucket: None
+) -> None:
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id)
+    with db.begin() as conn:
+        conn.execute(text("UPDATE tasks SET status='cancelled' WHERE task_id=:t"), {"t": task_id})
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    await transfer.expect("upload_ack", task_id)  # the device may free its disk
+    with db.connect() as conn:
+        orphan = conn.execute(
+            text("SELECT orphan FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+        ).scalar()
+        episodes = conn.execute(text("SELECT COUNT(*) FROM episodes")).scalar()
+    assert orphan
+    assert episodes == 0
+    assert task_row(db, task_id)["status"] == "cancelled"

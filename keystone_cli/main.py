@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from keystone_core.errors import KeystoneError
+from keystone_core.simulation.episodes import FAULTS
 
 app = typer.Typer(
     name="keystone",
@@ -151,6 +153,58 @@ def dev(
         with_dagster=not no_dagster,
     ).run()
     raise typer.Exit(code)
+
+
+@app.command("gen-mcap")
+def gen_mcap(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the episode files.")],
+    task_id: Annotated[str, typer.Option(help="Task id (the file stem).")] = "task-generated",
+    device_id: Annotated[str, typer.Option(help="Device id in the metadata.")] = "sim-device",
+    duration: Annotated[float, typer.Option(min=0.1, help="Seconds of recording.")] = 10.0,
+    size_mb: Annotated[
+        float | None, typer.Option(min=0.01, help="Approximate file size (MiB).")
+    ] = None,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(help="Inject a fault (repeatable): " + ", ".join(sorted(FAULTS))),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write an Axon-format episode: MCAP, JSON sidecar and .done marker."""
+    import json
+
+    from keystone_core.simulation.episodes import EpisodeSpec, generate
+
+    faults = frozenset(fault or [])
+    unknown = sorted(faults - FAULTS)
+    if unknown:
+        err.print(f"[red]unknown fault(s): {', '.join(unknown)}[/red]")
+        raise typer.Exit(2)
+    episode = generate(
+        EpisodeSpec(
+            task_id=task_id,
+            device_id=device_id,
+            duration_s=duration,
+            target_bytes=int(size_mb * 2**20) if size_mb else None,
+            faults=faults,
+            seed=seed,
+        ),
+        out_dir,
+    )
+    print(
+        json.dumps(
+            {
+                "mcap": str(episode.mcap_path),
+                "sidecar": str(episode.sidecar_path),
+                "sha256": episode.sha256,
+                "size": episode.size,
+                "message_count": episode.message_count,
+                "topics": episode.topic_counts,
+                "faults": sorted(faults),
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:

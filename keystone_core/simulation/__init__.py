@@ -1,0 +1,1 @@
+"""Simulated Axon devices and episodes (tests, load generation, demos)."""

@@ -207,6 +207,57 @@ def gen_mcap(
     )
 
 
+@app.command()
+def simulate(
+    factory_id: Annotated[int, typer.Option("--factory", help="Factory id to register into.")],
+    robot_type: Annotated[str, typer.Option(help="Robot type model the robots register as.")],
+    robots: Annotated[int, typer.Option(min=1, max=2000, help="Simulated robots.")] = 5,
+    tasks: Annotated[int, typer.Option(min=1, help="Episodes each robot records.")] = 2,
+    duration: Annotated[float, typer.Option(min=0.1, help="Seconds per recording.")] = 2.0,
+    size_mb: Annotated[float | None, typer.Option(min=0.01, help="MiB per episode.")] = None,
+    api: Annotated[str, typer.Option(help="Keystone base URL.")] = "http://127.0.0.1:8000",
+    account: Annotated[str, typer.Option(help="Admin account (opens the window).")] = "admin",
+    password: Annotated[str, typer.Option(envvar="KEYSTONE_ADMIN_PASSWORD")] = "",
+    data_dir: Annotated[Path, typer.Option(help="Where robots keep recordings.")] = Path(
+        ".keystone/simulate"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run simulated Axon robots against Keystone over real HTTP, WebSocket and S3."""
+    import asyncio
+    import json
+
+    from keystone_core.simulation.fleet import FleetPlan, run_fleet
+
+    plan = FleetPlan(
+        base_url=api.rstrip("/"),
+        admin_account=account,
+        admin_password=password,
+        factory_id=factory_id,
+        robots=robots,
+        tasks_per_robot=tasks,
+        data_dir=data_dir,
+        duration_s=duration,
+        target_bytes=int(size_mb * 2**20) if size_mb else None,
+    )
+    summary = asyncio.run(
+        run_fleet(plan, robot_type=robot_type, progress=lambda line: err.print(line))
+    )
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title="keystone simulate")
+        table.add_column("measure")
+        table.add_column("value")
+        for key, value in summary.items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+        Console().print(table)
+    if summary["errors"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: Keystone errors become one line on stderr and a non-zero exit code."""
     try:

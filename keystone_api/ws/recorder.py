@@ -310,7 +310,11 @@ class DeviceHub:
                 frame = await run_in_threadpool(parse_frame, raw)
             else:
                 frame = parse_frame(raw)
-            await self._dispatch(conn, frame)
+            try:
+                await self._dispatch(conn, frame)
+            except Exception:  # one frame's failure must not cost the device its socket
+                REJECTED_FRAMES.labels(self.channel, "error").inc()
+                log.exception("%s frame of %s failed", self.channel, conn.device.device_id)
 
     async def _dispatch(self, conn: LocalSocket, frame: Any) -> None:
         device = conn.device

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 from mcap.reader import make_reader
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from keystone_core import clock
@@ -88,18 +89,27 @@ class Reported:
 
 
 def _upload(session: Session, device: DeviceIdentity, task_id: str) -> DeviceUpload:
-    row = session.exec(
+    """The (robot, task) row, locked; created first if missing (two frames may race)."""
+    query = (
         select(DeviceUpload)
         .where(col(DeviceUpload.robot_id) == device.robot_id, col(DeviceUpload.task_id) == task_id)
         .with_for_update()
-    ).first()
-    if row is None:
-        row = DeviceUpload(
-            robot_id=device.robot_id,
-            factory_id=device.factory_id,
-            device_id=device.device_id,
-            task_id=task_id,
-        )
+    )
+    row = session.exec(query).first()
+    if row is not None:
+        return row
+    row = DeviceUpload(
+        robot_id=device.robot_id,
+        factory_id=device.factory_id,
+        device_id=device.device_id,
+        task_id=task_id,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # another worker or frame inserted it first
+        session.expunge(row)
+        return session.exec(query).one()
     return row
 
 

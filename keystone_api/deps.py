@@ -135,6 +135,10 @@ def authorize(
     principal = _authenticate(
         request, settings, session, credentials, f"{request.method} {template}"
     )
+    # Hand the connection back now: a route that then waits (a device RPC, an event
+    # stream) must not hold a pooled connection for the whole wait. The next query of
+    # the request starts a new transaction.
+    session.commit()
     if principal.role not in rule:
         raise PermissionDeniedError(
             f"role {principal.role.value} may not call {request.method} {template}",

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keystone_core.errors import (
@@ -127,8 +128,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error; see the server log")
 
 
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    log.error("database connection pool exhausted on %s %s", request.method, request.url.path)
+    return error_response(
+        503,
+        "database_busy",
+        "no database connection became free in time; retry shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KeystoneError, _keystone_error)
+    app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DataError, _out_of_range)

@@ -36,7 +36,15 @@ class Settings(BaseSettings):
         "sqlite:///.keystone/keystone.db",
         description="SQLAlchemy URL: sqlite:///path or mysql+pymysql://user:pass@host:port/db.",
     )
-    database_pool_size: int = Field(10, ge=1, le=200)
+    database_pool_size: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description=(
+            "Connections kept per process (as many again may overflow). 20 + 20 matches the "
+            "40 worker threads that run database work for one API process."
+        ),
+    )
     database_echo: bool = False
     migrate_on_start: bool = Field(True, description="Run migrations when the API starts.")
 

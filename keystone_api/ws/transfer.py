@@ -47,6 +47,8 @@ VERIFICATIONS = Counter(
 )
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 UPLOAD_REQUEST_COOLDOWN = dt.timedelta(seconds=30)
+# How often a worker looks for verified-but-unACKed uploads and recordings to ask for.
+ACK_POLL_S = 1.0
 
 
 def _in_networks(networks: list[str], peer: str) -> bool:
@@ -87,7 +89,7 @@ class TransferHub(DeviceHub):
     async def _tick(self) -> None:
         await super()._tick()
         now = time.monotonic()
-        if not self.local or now - self._last_requests < self.settings.device_heartbeat_s:
+        if not self.local or now - self._last_requests < ACK_POLL_S:
             return
         self._last_requests = now
         sockets = {conn.device.robot_id: conn for conn in self.local.values()}

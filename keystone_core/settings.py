@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     recorder_require_transfer: bool = Field(
         False, description="Refuse `config` while the device's transfer program is not connected."
     )
+    upload_request_cooldown_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Wait before asking a device again for a recording it has not reported "
+            "(doubling per try, at most 10 tries, then flagged for an operator)."
+        ),
+    )
     ack_verify: Literal["metadata", "sha256"] = Field(
         "sha256",
         description=(

@@ -46,7 +46,6 @@ VERIFICATIONS = Counter(
     "keystone_upload_verifications_total", "Upload verifications by outcome", ["outcome"]
 )
 MAX_FRAME_BYTES = 64 * 1024 * 1024
-UPLOAD_REQUEST_COOLDOWN = dt.timedelta(seconds=30)
 # How often a worker looks for verified-but-unACKed uploads and recordings to ask for.
 ACK_POLL_S = 1.0
 
@@ -94,7 +93,9 @@ class TransferHub(DeviceHub):
         self._last_requests = now
         sockets = {conn.device.robot_id: conn for conn in self.local.values()}
         due = await self.db(
-            lambda s: uploads.due_upload_requests(s, sorted(sockets), UPLOAD_REQUEST_COOLDOWN)
+            lambda s: uploads.due_upload_requests(
+                s, sorted(sockets), dt.timedelta(seconds=self.settings.upload_request_cooldown_s)
+            )
         )
         # Verified by the verify_uploads job (or earlier) but not ACKed yet.
         ready = await self.db(lambda s: uploads.verified_unacked(s, sorted(sockets)))
@@ -169,6 +170,9 @@ class TransferHub(DeviceHub):
                 )
                 for report in waiting:
                     await self._verify_and_ack(conn, report, reason="waiting_ack")
+            else:
+                # The short form (the upload_all reply): ask for the details.
+                await self._send(conn, {"type": "status_query"})
         elif kind in handlers:
             FRAMES.labels(self.channel, kind).inc()
             handler = handlers[kind]

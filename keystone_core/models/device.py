@@ -138,9 +138,10 @@ class DeviceUpload(Timestamped, table=True):
     factory_id: int = fk_field("factories.id", index=False)
     device_id: str = Field(max_length=64)
     task_id: str = Field(max_length=128)
-    # The device's record: pending|active|retry-wait|uploaded_wait_ack|completed|failed,
-    # or not_found (it answered upload_not_found) / rejected (enqueue refused).
-    status: str = Field(default="pending", max_length=24)
+    # The device's record: pending|active|retry-wait|uploaded_wait_ack|completed|failed;
+    # or Keystone's view before the device tracks it: requested (upload_request sent),
+    # not_found (it answered upload_not_found), rejected (enqueue refused).
+    status: str = Field(default="requested", max_length=24)
     s3_key: str | None = Field(default=None, max_length=1024)
     upload_mode: str = Field(default="", max_length=16)
     file_size_bytes: int | None = Field(default=None, ge=0, sa_type=BigInteger)
@@ -165,6 +166,7 @@ class DeviceUpload(Timestamped, table=True):
     # An upload for a task that was cancelled meanwhile (kept for ops, never an episode).
     orphan: bool = Field(default=False)
     request_sent_at: dt.datetime | None = utc_field()
+    request_count: int = Field(default=0, ge=0)
 
 
 class TransferStatus(SQLModel, table=True):

@@ -178,8 +178,10 @@ def on_upload_not_found(session: Session, device: DeviceIdentity, data: Mapping[
     detail = _text(data.get("detail"))
     row = _upload(session, device, task_id)
     row.last_error = detail
-    if row.id is None:
+    if row.status in ("requested", "not_found", "rejected"):
+        # Not tracked by the device (yet): the sentinel may not be ready; ask again later.
         row.status = "not_found"
+    # Otherwise the device tracks it already (pending … failed): "not found" means that.
     _save(session, row)
     _event(session, device, "upload_not_found", task_id, {"detail": detail})
 
@@ -677,9 +679,20 @@ def due_upload_requests(
     return due
 
 
+MAX_UPLOAD_REQUESTS = 10
+
+
 def mark_requested(session: Session, device: DeviceIdentity, task_id: str) -> None:
+    """An upload_request went out; after the last try the upload is flagged for ops."""
     row = _upload(session, device, task_id)
     row.request_sent_at = clock.now()
+    row.request_count += 1
+    if row.request_count >= MAX_UPLOAD_REQUESTS and row.status in ("requested", "not_found"):
+        row.verify_error = (
+            f"the device did not find the recording after {row.request_count} upload "
+            "requests (sidecar missing in sidecar mode, or the file was removed)"
+        )
+        _event(session, device, "upload_unfindable", task_id, {"requests": row.request_count})
     _save(session, row)
 
 

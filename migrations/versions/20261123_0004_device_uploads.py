@@ -50,6 +50,7 @@ def upgrade() -> None:
     sa.Column('ack_count', sa.Integer(), nullable=False),
     sa.Column('orphan', sa.Boolean(), nullable=False),
     sa.Column('request_sent_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('request_count', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['factory_id'], ['factories.id'], ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['robot_id'], ['robots.id'], ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id'),

@@ -114,6 +114,7 @@ def api_env(
             "KEYSTONE_DEVICE_HEARTBEAT_S": "1",
             "KEYSTONE_RECORDER_RPC_TIMEOUT_S": "3",
             "KEYSTONE_RECORDER_FINISH_TIMEOUT_S": "5",
+            "KEYSTONE_UPLOAD_REQUEST_COOLDOWN_S": "1",
             # Low enough that a test can flood past it.
             "KEYSTONE_RECORDER_FRAME_RATE_PER_SECOND": "50",
             "KEYSTONE_LOG_LEVEL": "INFO",

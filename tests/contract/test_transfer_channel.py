@@ -481,3 +481,129 @@ async def test_an_upload_for_a_cancelled_task_is_kept_as_orphan_and_acked(
     assert orphan
     assert episodes == 0
     assert task_row(db, task_id)["status"] == "cancelled"
+
+
+async def test_c_tr_7_8_not_found_means_tracked_or_ask_again_later(
+    transfer: Transfer, device: Device, db: Engine
+) -> None:
+    await transfer.send("connected", status_data(device.device_id, [], []))
+    task_id = uploading_task(db, device)
+    await transfer.expect("upload_request", task_id)
+    # Not ready yet on the device (sentinel missing): asked again after the cooldown.
+    detail = f"No MCAP file matching {task_id} in /axon/recording"
+    await transfer.send("upload_not_found", {"detail": detail, "task_id": task_id})
+    await transfer.expect("upload_request", task_id, timeout=10)
+    # Now tracked: a later "not found" is the duplicate-request answer, not "missing".
+    key = f"{device.world.factory_id}/{device.device_id}/2026-11-23/{task_id}.mcap"
+    await transfer.send(
+        "upload_started",
+        {
+            "checksum_sha256": CHECKSUM,
+            "file_size_bytes": 1,
+            "files": [],
+            "object_key": key,
+            "s3_key": key,
+            "status": "pending",
+            "task_id": task_id,
+            "total_bytes": 1,
+            "upload_mode": "mcap_json",
+        },
+    )
+    await transfer.send("upload_not_found", {"detail": detail, "task_id": task_id})
+    await transfer.none_of("upload_request", task_id, seconds=3)
+    with db.connect() as conn:
+        status = conn.execute(
+            text("SELECT status FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+        ).scalar()
+    assert status == "pending"
+
+
+async def test_c_tr_9_a_permanent_failure_fails_the_task_and_is_surfaced(
+    transfer: Transfer, device: Device, db: Engine, api: httpx.AsyncClient
+) -> None:
+    task_id = uploading_task(db, device)
+    await transfer.send(
+        "upload_failed",
+        {"next_retry_at": "", "reason": "AccessDenied", "retry_count": 5, "task_id": task_id},
+    )
+    for _ in range(50):
+        if task_row(db, task_id)["status"] == "failed":
+            break
+        await asyncio.sleep(0.1)
+    assert task_row(db, task_id)["status"] == "failed"
+    failed = status_data(device.device_id, [upload_entry(task_id, "k", status="failed")], [])
+    await transfer.send("status", failed)
+    await transfer.none_of("upload_request", task_id, seconds=2)  # it would only get not_found
+    listed = (await api.get("/api/v1/transfer/devices")).json()["devices"]
+    assert listed[0]["status"]["failed_task_ids"] == [task_id]
+
+
+async def test_c_tr_11_12_13_unknown_ack_cleanup_failure_and_short_status(
+    transfer: Transfer, device: Device, db: Engine
+) -> None:
+    await transfer.send(
+        "upload_not_found", {"detail": "ACK for unknown task_id", "task_id": "task-gone"}
+    )
+    await transfer.send(
+        "local_cleanup_failed",
+        {
+            "file_path": "/axon/recording/t.mcap",
+            "reason": "EACCES",
+            "retry_count": 6,
+            "task_id": "task-gone",
+        },
+    )
+    await transfer.send(
+        "status",
+        {
+            "active_count": 0,
+            "completed_count": 0,
+            "failed_count": 0,
+            "pending_count": 3,
+            "retry_wait_count": 0,
+            "uploading_count": 0,
+        },
+    )
+    assert await transfer.expect("status_query") == {"type": "status_query"}
+    await transfer.none_of("upload_request", "task-gone", seconds=1)
+    with db.connect() as conn:
+        kinds = (
+            conn.execute(
+                text("SELECT kind FROM device_events WHERE task_id='task-gone' ORDER BY id")
+            )
+            .scalars()
+            .all()
+        )
+    assert kinds == ["upload_not_found", "local_cleanup_failed"]
+
+
+async def test_c_tr_15_a_fleet_reconnecting_at_once_is_accepted(
+    live_api: LiveApi, device: Device, db: Engine
+) -> None:
+    """500 transfer programs upgrade within the same second (unseeded, lockstep jitter)."""
+    with db.begin() as conn:
+        robot_type = conn.execute(
+            text("SELECT robot_type_id FROM robots WHERE device_id=:d"), {"d": device.device_id}
+        ).scalar()
+        conn.execute(
+            text(
+                "INSERT INTO robots (factory_id, robot_type_id, device_id, name, status, "
+                "metadata, created_at, updated_at) VALUES (:f, :t, :d, '', 'active', '{}', "
+                "NOW(6), NOW(6))"
+            ),
+            [
+                {"f": device.world.factory_id, "t": robot_type, "d": f"fleet-{i:04d}"}
+                for i in range(500)
+            ],
+        )
+
+    async def one(i: int) -> bool:
+        url = f"{live_api.ws_url}/transfer/fleet-{i:04d}"
+        async with connect(url, user_agent_header=None, open_timeout=60) as ws:
+            await ws.send(frame("connected", status_data(f"fleet-{i:04d}", [], [])))
+            await asyncio.sleep(2)
+            return True
+
+    results = await asyncio.gather(*(one(i) for i in range(500)), return_exceptions=True)
+    failures = [r for r in results if r is not True]
+    assert failures == [], failures[:3]

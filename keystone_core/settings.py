@@ -139,7 +139,11 @@ class Settings(BaseSettings):
         120.0, gt=0, le=3600, description="finish/cancel/quit replies (the device hashes the file)."
     )
     recorder_require_transfer: bool = Field(
-        False, description="Refuse `config` while the device's transfer program is not connected."
+        True,
+        description=(
+            "Refuse `config` (409 transfer_not_connected) while the device's transfer "
+            "program is not connected: nothing recorded then could be uploaded."
+        ),
     )
     upload_request_cooldown_s: float = Field(
         30.0,

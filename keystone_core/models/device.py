@@ -155,6 +155,8 @@ class DeviceUpload(Timestamped, table=True):
     recording_started_at: dt.datetime | None = utc_field()
     duration_sec: float | None = double_field(ge=0)
     checked_at: dt.datetime | None = utc_field()
+    # The MCAP's axon.* metadata records as read at the check (copied to the episode).
+    axon_metadata: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
     # … the stored MCAP re-hashed (KEYSTONE_ACK_VERIFY=sha256) by the verify_uploads job,
     # which claims rows with a lease …
     hash_lease_until: dt.datetime | None = utc_field()

@@ -303,6 +303,40 @@ class Verification:
     sidecar: dict[str, Any] = field(default_factory=dict)
     size: int | None = None
     checksum: str | None = None
+    # The recorder's axon.* metadata records, parsed (axon-protocol.md §8.3).
+    axon: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_axon_metadata(records: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """``axon.task`` / ``axon.device`` / ``axon.recording`` / ``axon.topics`` as values:
+    JSON-encoded arrays decoded, the zero-padded size as an int (all zeros = unknown)."""
+    task = dict(records.get("axon.task", {}))
+    recording = dict(records.get("axon.recording", {}))
+    out: dict[str, Any] = {
+        "task": task,
+        "device": dict(records.get("axon.device", {})),
+        "recording": recording,
+    }
+    for section, key in (("task", "skills"), ("recording", "topics_recorded")):
+        value = out[section].get(key)
+        if isinstance(value, str):
+            try:
+                out[section][key] = json.loads(value)
+            except ValueError:
+                out[section][key] = []
+    size = recording.get("file_size_bytes")
+    if isinstance(size, str):
+        out["recording"]["file_size_bytes"] = int(size) if size.isdigit() and int(size) else None
+    for key in ("message_count",):
+        value = recording.get(key)
+        if isinstance(value, str) and value.isdigit():
+            out["recording"][key] = int(value)
+    topics = records.get("axon.topics", {}).get("topics_summary")
+    try:
+        out["topics_summary"] = json.loads(topics) if isinstance(topics, str) else []
+    except ValueError:
+        out["topics_summary"] = []
+    return out
 
 
 def expected_prefix(device: DeviceIdentity) -> str:
@@ -361,13 +395,17 @@ def verify_objects(
             return result
     try:
         with S3RangeReader(s3, bucket, report.s3_key, size) as stream:
-            summary = make_reader(cast(IO[bytes], stream)).get_summary()
+            reader = make_reader(cast(IO[bytes], stream))
+            summary = reader.get_summary()
+            # Read through the metadata index: a few ranged reads, never the chunks.
+            records = {m.name: dict(m.metadata) for m in reader.iter_metadata()}
     except Exception as exc:  # any parse failure of a device file means "not readable"
         result.reason = f"MCAP footer/summary unreadable: {type(exc).__name__}: {exc}"[:500]
         return result
     if summary is None:
         result.reason = "MCAP has no summary section"
         return result
+    result.axon = parse_axon_metadata(records)
     result.ok = True
     return result
 
@@ -449,6 +487,7 @@ def record_verification(
     row.file_size_bytes = verification.size
     row.checksum_sha256 = verification.checksum
     row.checked_at = row.checked_at or clock.now()
+    row.axon_metadata = verification.axon
     row.verify_error = ""
     if task.status in (TaskStatus.CANCELLED, TaskStatus.FAILED):
         # Checked and kept for ops to decide; the device may free its disk.
@@ -498,6 +537,7 @@ def finalize(session: Session, row: DeviceUpload, task: Task | None = None) -> E
         file_size_bytes=row.file_size_bytes,
         checksum=row.checksum_sha256,
         verified_at=row.verified_at,
+        meta={"axon": row.axon_metadata} if row.axon_metadata else {},
     )
     session.add(episode)
     session.flush()

@@ -43,6 +43,7 @@ def upgrade() -> None:
     sa.Column('recording_started_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('duration_sec', sa.Double(), nullable=True),
     sa.Column('checked_at', keystone_core.db.UTCDateTime(), nullable=True),
+    sa.Column('axon_metadata', sa.JSON(), nullable=False),
     sa.Column('hash_lease_until', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('verified_at', keystone_core.db.UTCDateTime(), nullable=True),
     sa.Column('verify_error', sqlmodel.sql.sqltypes.AutoString(length=2048), nullable=False),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -607,3 +608,108 @@ async def test_c_tr_15_a_fleet_reconnecting_at_once_is_accepted(
     results = await asyncio.gather(*(one(i) for i in range(500)), return_exceptions=True)
     failures = [r for r in results if r is not True]
     assert failures == [], failures[:3]
+
+
+async def test_c_tr_14_a_stale_upload_complete_before_connected_is_handled(
+    live_api: LiveApi, device: Device, db: Engine, bucket: None
+) -> None:
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id)
+    url = f"{live_api.ws_url}/transfer/{device.device_id}"
+    async with connect(url, user_agent_header=None) as ws:
+        channel = Transfer(ws)
+        await channel.send("upload_complete", complete_data(task_id, key))  # queued frame
+        await channel.send("connected", status_data(device.device_id, [], []))
+        await asyncio.sleep(1)
+    assert await asyncio.to_thread(run_verify_job, live_api) == 1
+    with db.connect() as conn:
+        checked = conn.execute(
+            text("SELECT checked_at FROM device_uploads WHERE task_id=:t"), {"t": task_id}
+        ).scalar()
+    assert checked is not None
+
+
+async def test_c_s3_3_and_c_mcap_2_half_pairs_and_truncated_files_are_not_acked(
+    transfer: Transfer, device: Device, db: Engine, bucket: None, s3_server: Any
+) -> None:
+    s3 = device.registration["s3"]
+    client = create_s3_client_for_endpoint(  # the store's admin: device keys cannot delete
+        s3_server.endpoint_url, access_key=s3_server.access_key, secret_key=s3_server.secret_key
+    )
+    half = uploading_task(db, device, 0)
+    key = upload_objects(device, half)
+    client.delete_object(Bucket=s3["bucket"], Key=key[:-5] + ".json")
+    await transfer.send("upload_complete", complete_data(half, key))
+    truncated = uploading_task(db, device, 1)
+    short = MCAP[: len(MCAP) // 2]
+    digest = hashlib.sha256(short).hexdigest()
+    tkey = key.replace(half, truncated)
+    client.put_object(
+        Bucket=s3["bucket"], Key=tkey, Body=short, Metadata={"checksum-sha256": digest}
+    )
+    sidecar = json.loads(SIDECAR)
+    sidecar["recording"]["checksum_sha256"] = digest
+    client.put_object(
+        Bucket=s3["bucket"], Key=tkey[:-5] + ".json", Body=json.dumps(sidecar).encode()
+    )
+    data = complete_data(truncated, tkey, checksum=digest)
+    data["file_size_bytes"] = len(short)
+    await transfer.send("upload_complete", data)
+    await transfer.none_of("upload_ack", half, seconds=2)
+    with db.connect() as conn:
+        errors = dict(conn.execute(text("SELECT task_id, verify_error FROM device_uploads")).all())
+    assert "sidecar not readable" in errors[half]
+    assert "unreadable" in errors[truncated]
+
+
+async def test_c_mcap_1_the_recorders_metadata_is_parsed_onto_the_episode(
+    transfer: Transfer, device: Device, db: Engine, bucket: None, live_api: LiveApi
+) -> None:
+    task_id = uploading_task(db, device)
+    key = upload_objects(device, task_id)
+    await transfer.send("upload_complete", complete_data(task_id, key))
+    await asyncio.sleep(1)
+    await asyncio.to_thread(run_verify_job, live_api)
+    await transfer.expect("upload_ack", task_id)
+    with db.connect() as conn:
+        raw = conn.execute(text("SELECT metadata FROM episodes")).scalar()
+    axon = json.loads(raw)["axon"]
+    assert axon["task"]["task_id"] == "task-cap-0001"  # the recorder's (sanitised) copy
+    assert axon["task"]["skills"] == ["pick", "place"]
+    assert axon["recording"]["file_size_bytes"] == len(MCAP)  # 20-digit zero-padded
+    assert axon["recording"]["topics_recorded"] == ["/imu/data", "/udp/gps"]
+    assert axon["device"]["device_id"] == "robot-cap-01"
+
+
+async def test_the_recorder_config_waits_for_the_transfer_program(
+    live_api: LiveApi, device: Device, tmp_path: Any
+) -> None:
+    from tests.contract.capture import ReplayRecorder
+    from tests.contract.conftest import start_api, stop_api
+
+    strict = start_api(
+        {**live_api.env, "KEYSTONE_RECORDER_REQUIRE_TRANSFER": "true"}, tmp_path / "s.log"
+    )
+    try:
+        recorder = ReplayRecorder(
+            f"{strict.ws_url}/recorder/{device.device_id}", device.token, device.device_id
+        )
+        await recorder.connect()
+        recorder.start()
+        async with httpx.AsyncClient(
+            base_url=strict.base_url, headers=device.world.admin_headers, timeout=30
+        ) as client:
+            base = f"/api/v1/recorder/{device.device_id}"
+            await asyncio.sleep(0.5)
+            refused = await client.post(f"{base}/config", json={})
+            assert refused.status_code == 409
+            assert refused.json()["code"] == "transfer_not_connected"
+            url = f"{strict.ws_url}/transfer/{device.device_id}"
+            async with connect(url, user_agent_header=None) as ws:
+                await Transfer(ws).send("connected", status_data(device.device_id, [], []))
+                await asyncio.sleep(0.5)
+                accepted = await client.post(f"{base}/config", json={})
+                assert accepted.status_code == 200, accepted.text
+        await recorder.close()
+    finally:
+        stop_api(strict.process)

@@ -46,7 +46,13 @@ def site(mariadb_engine: Engine, s3_server: EmbeddedS3Server) -> tuple[int, str]
 
 
 def start(mariadb_migrated: str, s3: EmbeddedS3Server, tmp_path: Path, verify: str) -> LiveApi:
-    env = api_env(mariadb_migrated, s3, tmp_path / "data", KEYSTONE_ACK_VERIFY=verify)
+    env = api_env(
+        mariadb_migrated,
+        s3,
+        tmp_path / "data",
+        KEYSTONE_ACK_VERIFY=verify,
+        KEYSTONE_RECORDER_REQUIRE_TRANSFER="true",  # the production default
+    )
     return start_api(env, tmp_path / "api.log")
 
 

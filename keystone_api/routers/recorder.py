@@ -153,18 +153,10 @@ async def list_devices(
     def work(session: Session) -> list[RecorderState]:
         rows = presence.list_connections(session, presence.RECORDER, scope.factory_ids)
         if scope.role is Role.DATA_COLLECTOR:  # only the robot at the collector's station
-            rows = [row for row in rows if _may_see(session, principal, row.device_id)]
+            rows = [row for row in rows if devices.may_see(session, scope, row.device_id)]
         return [_state(row, row.device_id, settings) for row in rows]
 
     return RecorderDevices(devices=await _hub(request).db(work))
-
-
-def _may_see(session: Session, principal: Principal, device_id: str) -> bool:
-    try:
-        devices.visible_device(session, principal.scope, device_id)
-    except NotFoundError:
-        return False
-    return True
 
 
 @router.get(

@@ -127,7 +127,7 @@ async def list_devices(
             session, presence.TRANSFER, scope.factory_ids
         )
         if scope.role is Role.DATA_COLLECTOR:
-            rows = [r for r in rows if _visible(session, principal, r.device_id)]
+            rows = [r for r in rows if devices.may_see(session, scope, r.device_id)]
         statuses = {
             s.robot_id: s
             for s in session.exec(
@@ -154,14 +154,6 @@ async def list_devices(
         return out
 
     return TransferDevices(devices=await _hub(request).db(work))
-
-
-def _visible(session: Session, principal: Principal, device_id: str) -> bool:
-    try:
-        devices.visible_device(session, principal.scope, device_id)
-    except Exception:
-        return False
-    return True
 
 
 @router.post(

@@ -781,5 +781,13 @@ def visible_device(session: Session, scope: Scope, device_id: str) -> Robot:
         raise NotFoundError(f"device {device_id} not found", code="device_not_found") from None
 
 
+def may_see(session: Session, scope: Scope, device_id: str) -> bool:
+    try:
+        visible_device(session, scope, device_id)
+    except NotFoundError:
+        return False
+    return True
+
+
 def identity_of(robot: Robot) -> DeviceIdentity:
     return _identity(robot)

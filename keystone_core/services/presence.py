@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from keystone_core import clock
 from keystone_core.models import DeviceCommand, DeviceConnection, DeviceEvent, Robot
+from keystone_core.services.devices import DeviceIdentity
 
 RECORDER = "recorder"
 TRANSFER = "transfer"
@@ -56,6 +57,25 @@ def record_event(
     )
     session.add(event)
     return event
+
+
+def record_device_event(
+    session: Session,
+    device: DeviceIdentity,
+    kind: str,
+    task_id: str | None,
+    data: Mapping[str, Any],
+) -> DeviceEvent:
+    """:func:`record_event` for a known device."""
+    return record_event(
+        session,
+        kind,
+        factory_id=device.factory_id,
+        robot_id=device.robot_id,
+        device_id=device.device_id,
+        task_id=task_id,
+        data=data,
+    )
 
 
 # --- presence -------------------------------------------------------------------------

@@ -39,15 +39,7 @@ def _event(
     task_id: str | None,
     data: Mapping[str, Any],
 ) -> None:
-    presence.record_event(
-        session,
-        kind,
-        factory_id=device.factory_id,
-        robot_id=device.robot_id,
-        device_id=device.device_id,
-        task_id=task_id,
-        data=data,
-    )
+    presence.record_device_event(session, device, kind, task_id, data)
 
 
 def on_state_update(

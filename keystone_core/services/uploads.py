@@ -277,17 +277,13 @@ def _store_reports(session: Session, device: DeviceIdentity, reports: dict[str, 
 
 
 def _event(
-    session: Session, device: DeviceIdentity, kind: str, task_id: str, data: Mapping[str, Any]
+    session: Session,
+    device: DeviceIdentity,
+    kind: str,
+    task_id: str | None,
+    data: Mapping[str, Any],
 ) -> None:
-    presence.record_event(
-        session,
-        kind,
-        factory_id=device.factory_id,
-        robot_id=device.robot_id,
-        device_id=device.device_id,
-        task_id=task_id,
-        data=data,
-    )
+    presence.record_device_event(session, device, kind, task_id, data)
 
 
 # --- verification ---------------------------------------------------------------------------

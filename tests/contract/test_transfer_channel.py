@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from keystone_core.storage import create_s3_client_for_endpoint
 from tests.contract.capture import FIXTURES
-from tests.contract.conftest import Device, LiveApi, task_row
+from tests.contract.conftest import Device, LiveApi, register, task_row
 from tests.contract.test_recorder_channel import upgrade_status
 
 pytestmark = [pytest.mark.contract, pytest.mark.integration, pytest.mark.anyio]
@@ -713,3 +713,27 @@ async def test_the_recorder_config_waits_for_the_transfer_program(
         await recorder.close()
     finally:
         stop_api(strict.process)
+
+
+async def test_bad_input_on_the_transfer_socket(
+    live_api: LiveApi, device: Device, db: Engine, bucket: None, api: httpx.AsyncClient
+) -> None:
+    """Another device's task: no episode, no ACK; a flood is limited; > 64 MiB is 1009."""
+    other = register(live_api, device.world)
+    task_id = uploading_task(db, device)  # configured on `device`, not on `other`
+    key = upload_objects(device, task_id)
+    other_key = key.replace(device.device_id, other["device_id"])
+    url = f"{live_api.ws_url}/transfer/{other['device_id']}"
+    async with connect(url, user_agent_header=None, max_size=None) as ws:
+        channel = Transfer(ws)
+        await channel.send("upload_complete", complete_data(task_id, other_key))
+        await channel.none_of("upload_ack", task_id, seconds=2)
+        flood = '{"data":{},"timestamp":"x","type":"upload_progress"}'
+        await asyncio.gather(*(ws.send(flood) for _ in range(600)))
+        await ws.send("x" * (64 * 1024 * 1024 + 1))
+        await asyncio.wait_for(ws.wait_closed(), 30)
+        assert ws.close_code == 1009
+    metrics = (await api.get("/metrics")).text
+    assert 'keystone_device_frames_rejected_total{channel="transfer",reason="rate"}' in metrics
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM episodes")).scalar() == 0

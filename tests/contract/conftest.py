@@ -241,6 +241,7 @@ def register(live: LiveApi, world: World) -> dict[str, Any]:
     """``axon-config register`` exactly: its headers and body, no credentials."""
     response = httpx.post(
         f"{live.base_url}/api/v1/devices/register",
+        timeout=30,
         content=f'{{"factory":"{world.factory_name}","robot_type":"{world.robot_type_model}"}}',
         headers={
             "Content-Type": "application/json",

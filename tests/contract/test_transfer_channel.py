@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -608,6 +609,17 @@ async def test_c_tr_15_a_fleet_reconnecting_at_once_is_accepted(
     results = await asyncio.gather(*(one(i) for i in range(500)), return_exceptions=True)
     failures = [r for r in results if r is not True]
     assert failures == [], failures[:3]
+    # ... and the 500 disconnects are absorbed: presence is up to date soon after.
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=live_api.base_url, timeout=60) as client:
+        while True:
+            listed = (
+                await client.get("/api/v1/transfer/devices", headers=device.world.admin_headers)
+            ).json()["devices"]
+            if not any(d["connected"] for d in listed if d["device_id"].startswith("fleet-")):
+                break
+            assert time.monotonic() - started < 60, "disconnects not absorbed within 60 s"
+            await asyncio.sleep(0.5)
 
 
 async def test_c_tr_14_a_stale_upload_complete_before_connected_is_handled(

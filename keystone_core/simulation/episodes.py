@@ -6,7 +6,8 @@ with real JPEG frames), zstd chunks of 4 MiB, chunk CRCs on and data-section CRC
 the five ``axon.*`` metadata records (``file_size_bytes`` zero-padded to 20 digits and
 patched in place after close, as the recorder does) and the JSON sidecar. Faults can be
 injected to exercise QA: a truncated file, a missing topic, a time gap, corrupt or
-truncated JPEG frames, a wrong checksum, a sidecar that disagrees with the MCAP.
+truncated JPEG frames, zero-byte frames, a recording far too short, a wrong checksum, a
+sidecar that disagrees with the MCAP, random garbage instead of an MCAP, an empty file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import io
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ FAULTS = frozenset(
         "truncated_jpeg",
         "wrong_checksum",
         "sidecar_mismatch",
+        "zero_frames",
+        "too_short",
+        "garbage",
+        "empty",
     }
 )
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -160,6 +165,8 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
     if unknown:
         raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
     rng = random.Random(spec.seed)  # noqa: S311 (test data, not secrets)
+    if "too_short" in spec.faults:
+        spec = replace(spec, duration_s=min(spec.duration_s, 0.3))
     out_dir.mkdir(parents=True, exist_ok=True)
     mcap_path = out_dir / f"{spec.task_id}.mcap"
     sidecar_path = out_dir / f"{spec.task_id}.json"
@@ -218,7 +225,9 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
                 t.name == name and "CompressedImage" in t.message_type for t in topics
             ):
                 data = frames[i % len(frames)]
-                if corrupt and i % 7 == 3:
+                if "zero_frames" in spec.faults and i % 5 == 2:
+                    data = b""
+                elif corrupt and i % 7 == 3:
                     if "truncated_jpeg" in corrupt:
                         data = data[: len(data) // 2]
                     else:
@@ -305,6 +314,10 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
         raw[at : at + 20] = f"{len(raw):020d}".encode()
     if "truncate" in spec.faults:
         raw = raw[: int(len(raw) * 0.7)]
+    if "garbage" in spec.faults:
+        raw = bytearray(rng.randbytes(len(raw)))
+    if "empty" in spec.faults:
+        raw = bytearray()
     mcap_path.write_bytes(bytes(raw))
     sha256 = hashlib.sha256(raw).hexdigest()
 

@@ -104,3 +104,15 @@ def test_structural_faults(tmp_path: Path) -> None:
 def test_unknown_faults_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown faults"):
         generate(spec(faults=frozenset({"gremlins"})), tmp_path)
+
+
+def test_fault_corpus_additions(tmp_path: Path) -> None:
+    zero = generate(spec(task_id="z", faults=frozenset({"zero_frames"})), tmp_path)
+    assert b"" in frames(zero.mcap_path)
+    short = generate(spec(task_id="s", faults=frozenset({"too_short"})), tmp_path)
+    assert short.finished_at - short.started_at < (zero.finished_at - zero.started_at)
+    garbage = generate(spec(task_id="g", faults=frozenset({"garbage"})), tmp_path)
+    assert not garbage.mcap_path.read_bytes().startswith(b"\x89MCAP")
+    empty = generate(spec(task_id="e", faults=frozenset({"empty"})), tmp_path)
+    assert empty.size == 0
+    assert empty.mcap_path.read_bytes() == b""

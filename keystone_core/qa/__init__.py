@@ -1,0 +1,1 @@
+"""Episode quality checks (pure library: no FastAPI, no Dagster)."""

@@ -524,6 +524,7 @@ async def test_c_tr_9_a_permanent_failure_fails_the_task_and_is_surfaced(
     transfer: Transfer, device: Device, db: Engine, api: httpx.AsyncClient
 ) -> None:
     task_id = uploading_task(db, device)
+    await transfer.expect("upload_request", task_id)  # asked for once it is uploading
     await transfer.send(
         "upload_failed",
         {"next_retry_at": "", "reason": "AccessDenied", "retry_count": 5, "task_id": task_id},

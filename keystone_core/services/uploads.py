@@ -107,8 +107,8 @@ def _upload(session: Session, device: DeviceIdentity, task_id: str) -> DeviceUpl
     try:
         with session.begin_nested():
             session.add(row)
-    except IntegrityError:  # another worker or frame inserted it first
-        session.expunge(row)
+    except IntegrityError:  # another worker or frame inserted it first (the savepoint's
+        # rollback already took our copy out of the session)
         return session.exec(query).one()
     return row
 

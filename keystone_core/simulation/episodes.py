@@ -5,9 +5,9 @@ A generated episode looks like the recorder's: ROS 2 profile, ``cdr`` messages w
 with real JPEG frames), zstd chunks of 4 MiB, chunk CRCs on and data-section CRC off,
 the five ``axon.*`` metadata records (``file_size_bytes`` zero-padded to 20 digits and
 patched in place after close, as the recorder does) and the JSON sidecar. Faults can be
-injected to exercise QA: a truncated file, a missing topic, a time gap, corrupt or
-truncated JPEG frames, zero-byte frames, a recording far too short, a wrong checksum, a
-sidecar that disagrees with the MCAP, random garbage instead of an MCAP, an empty file.
+injected to exercise QA: a truncated file (mid-data, or inside the summary), a missing
+topic, a time gap, corrupt or truncated JPEG frames, zero-byte frames, a recording far
+too short, a wrong checksum, a sidecar that disagrees with the MCAP, random garbage instead of an MCAP, an empty file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from PIL import Image
 FAULTS = frozenset(
     {
         "truncate",
+        "truncate_summary",
         "drop_topic",
         "time_gap",
         "corrupt_jpeg",
@@ -312,8 +314,11 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
     at = raw.find(SIZE_PLACEHOLDER.encode())
     if at >= 0:  # patched in place after close, as the recorder does
         raw[at : at + 20] = f"{len(raw):020d}".encode()
-    if "truncate" in spec.faults:
+    if "truncate" in spec.faults:  # cut mid-data: the chunk at the cut is lost
         raw = raw[: int(len(raw) * 0.7)]
+    if "truncate_summary" in spec.faults:  # data intact, cut inside the summary section
+        (summary_start,) = struct.unpack_from("<Q", raw, len(raw) - 37 + 9)
+        raw = raw[: summary_start + (len(raw) - 37 - summary_start) // 2]
     if "garbage" in spec.faults:
         raw = bytearray(rng.randbytes(len(raw)))
     if "empty" in spec.faults:

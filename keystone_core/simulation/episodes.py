@@ -6,8 +6,9 @@ with real JPEG frames), zstd chunks of 4 MiB, chunk CRCs on and data-section CRC
 the five ``axon.*`` metadata records (``file_size_bytes`` zero-padded to 20 digits and
 patched in place after close, as the recorder does) and the JSON sidecar. Faults can be
 injected to exercise QA: a truncated file (mid-data, or inside the summary), a missing
-topic, a time gap, corrupt or truncated JPEG frames, zero-byte frames, a recording far
-too short, a wrong checksum, a sidecar that disagrees with the MCAP, random garbage instead of an MCAP, an empty file.
+topic, a time gap, corrupt or truncated JPEG frames, zero-byte frames, a recording far too
+short, a wrong checksum, a sidecar that disagrees with the MCAP, random garbage instead of
+an MCAP, an empty file.
 """
 
 from __future__ import annotations

@@ -62,6 +62,22 @@ class Settings(BaseSettings):
     s3_bucket_prefix: str = Field("edge-", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
 
     qa_auto_approve_threshold: float = Field(0.90, ge=0.0, le=1.0)
+    qa_thorough_band: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fast scores this close to the threshold get the thorough tier.",
+    )
+    qa_min_duration_s: float = Field(1.0, ge=0.0, description="Default when the task sets none.")
+    qa_max_gap_s: float = Field(1.0, gt=0.0, description="A topic silent longer than this fails.")
+    qa_lease_minutes: int = Field(15, ge=1, le=24 * 60)
+    qa_batch_min: int = Field(10, ge=1, le=10_000)
+    qa_batch_max: int = Field(200, ge=1, le=10_000)
+    qa_workers: int = Field(4, ge=1, le=64, description="Episodes scored in parallel in one run.")
+    qa_max_attempts: int = Field(
+        5, ge=1, le=100, description="Runs that may fail to read an object before qa_failed."
+    )
+    qa_time_budget_s: float = Field(600.0, gt=0.0, description="Per episode and tier.")
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)

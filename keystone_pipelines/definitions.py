@@ -10,12 +10,14 @@ from keystone_pipelines.defs.maintenance import (
     release_expired_leases,
     release_expired_leases_schedule,
 )
+from keystone_pipelines.defs.qa import episode_qa, pending_qa_sensor, qa_batch, qa_rerun
 from keystone_pipelines.defs.uploads import pending_verification_sensor, verify_uploads
-from keystone_pipelines.resources import KeystoneDatabase
+from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 defs = Definitions(
-    jobs=[release_expired_leases, prune_device_feed, verify_uploads],
-    sensors=[pending_verification_sensor],
+    assets=[episode_qa],
+    jobs=[release_expired_leases, prune_device_feed, verify_uploads, qa_batch, qa_rerun],
+    sensors=[pending_verification_sensor, pending_qa_sensor],
     schedules=[release_expired_leases_schedule, prune_device_feed_schedule],
-    resources={"database": KeystoneDatabase()},
+    resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
 )

@@ -53,6 +53,11 @@ class Episode(Timestamped, table=True):
     qa_score: float | None = double_field(ge=0, le=1)
     qa_lease_owner: str | None = Field(default=None, max_length=128)
     qa_lease_expires_at: dt.datetime | None = utc_field()
+    # Tier asked for by a rerun (None: fast, thorough when borderline).
+    qa_tier: str | None = Field(default=None, max_length=16)
+    # Runs that could not read the object (missing, store down); retried after qa_not_before.
+    qa_attempts: int = Field(default=0, ge=0)
+    qa_not_before: dt.datetime | None = utc_field()
     approved_at: dt.datetime | None = utc_field()
     labels: list[str] = Field(default_factory=list, sa_type=JSON)
     quality_flag: str = Field(default="", max_length=1024)

@@ -41,7 +41,7 @@ from keystone_core.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import ObjectTypeDef
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef, ObjectTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ DEFAULT_MAX_ORPHANS = 100
 _MCAP = ".mcap"
 # The reason verify_objects gives when it could not reach the store (not the object's fault).
 _STORE_UNREACHABLE = "object store unreachable"
+_GONE = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 
 
 class OrphanOutcome(StrEnum):
@@ -280,10 +281,10 @@ def scan_order(
     return fresh + [by_prefix[p] for p in cursor if p in by_prefix]
 
 
-def advance_cursor(cursor: Mapping[str, str], scan: PrefixScan) -> dict[str, str]:
-    """The cursor with ``scan``'s prefix moved to the end (scanned most recently)."""
-    out = {p: k for p, k in cursor.items() if p != scan.prefix}
-    out[scan.prefix] = scan.cursor
+def advance_cursor(cursor: Mapping[str, str], prefix: str, last_key: str) -> dict[str, str]:
+    """The cursor with ``prefix`` at ``last_key``, moved to the end (scanned most recently)."""
+    out = {p: k for p, k in cursor.items() if p != prefix}
+    out[prefix] = last_key
     return out
 
 
@@ -330,16 +331,18 @@ def _report(
     return result
 
 
-def _stored_checksum(s3: S3Client, bucket: str, key: str) -> tuple[str, int] | str:
-    """The object's ``checksum-sha256`` metadata and size, or why it cannot be read."""
+def _head(s3: S3Client, bucket: str, key: str) -> HeadObjectOutputTypeDef | None:
+    """The object's HEAD, or None when it is not there.
+
+    Only "not there" is a verdict; any other refusal (credentials, policy) raises, so the
+    key is tried again later rather than reported as bad.
+    """
     try:
-        head = s3.head_object(Bucket=bucket, Key=key)
+        return s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        return f"MCAP object not readable: {exc.response.get('Error', {}).get('Code')}"
-    checksum = str(head.get("Metadata", {}).get("checksum-sha256", "")).lower()
-    if not checksum:
-        return "the object carries no checksum-sha256 metadata"
-    return checksum, int(head["ContentLength"])
+        if str(exc.response.get("Error", {}).get("Code")) in _GONE:
+            return None
+        raise
 
 
 def _check(
@@ -403,19 +406,17 @@ def repair_orphan(session: Session, settings: Settings, s3: S3Client, key: str) 
     clash = _clash(session, device, bucket, task, key)
     if clash:
         return _report(session, device, bucket, OrphanRepair(key, OrphanOutcome.REJECTED, clash))
-    stored = _stored_checksum(s3, bucket, key)
-    if isinstance(stored, str):
-        report = Reported(task_id, key, None, None, upload_mode="mcap_json")
-        verification = Verification(False, stored, bucket, key)
-        if stored.startswith("MCAP object not readable"):
-            # Gone or forbidden: nothing to record against the task's upload.
-            return _report(
-                session, device, bucket, OrphanRepair(key, OrphanOutcome.REJECTED, stored)
-            )
+    head = _head(s3, bucket, key)
+    if head is None:  # nothing to record against the task's upload: it may still arrive
+        gone = OrphanRepair(key, OrphanOutcome.REJECTED, "the object is gone")
+        return _report(session, device, bucket, gone)
+    checksum = str(head.get("Metadata", {}).get("checksum-sha256", "")).lower() or None
+    # Sidecar mode is required by the templates, so the sidecar is checked as well.
+    report = Reported(task_id, key, int(head["ContentLength"]), checksum, upload_mode="mcap_json")
+    if checksum is None:
+        reason = "the object carries no checksum-sha256 metadata"
+        verification = Verification(False, reason, bucket, key)
     else:
-        checksum, size = stored
-        # Sidecar mode is required by the templates, so the sidecar is checked as well.
-        report = Reported(task_id, key, size, checksum, upload_mode="mcap_json")
         verification = _check(settings, s3, device, report)
     decision = record_verification(session, device, report, verification, rehash=False)
     if decision.episode_id:

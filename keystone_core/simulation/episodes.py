@@ -133,29 +133,57 @@ class Episode:
     topic_counts: dict[str, int]
 
 
-def _jpeg(rng: random.Random, width: int, height: int, quality: int) -> bytes:
+# Sensor noise blended into the picture when a size target asks for camera-like frames:
+# real frames do not compress to a few KB, and at 0.1 a quality-90 JPEG costs about 0.26
+# byte per pixel, like a camera's (~300 KB at 1280x960).
+FRAME_NOISE = 0.1
+FRAME_QUALITY = 90
+MAX_FRAME_WIDTH = 4096
+MAX_DISTINCT_FRAMES = 64
+
+
+def _jpeg(rng: random.Random, width: int, height: int, quality: int, noise: float = 0.0) -> bytes:
     image = Image.new("RGB", (width, height))
     pixels = bytes(rng.randrange(256) for _ in range(48))
     tile = Image.frombytes("RGB", (4, 4), pixels).resize((width, height))
     image.paste(tile)
+    if noise:
+        grain = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+        image = Image.blend(image, grain, noise)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 
+def _frame_shape(rng: random.Random, per_frame: int) -> tuple[int, int]:
+    """4:3 dimensions (multiples of 16) whose noisy JPEG is about ``per_frame`` bytes."""
+    width, height = 320, 240
+    for _ in range(2):  # calibrate on a small frame, then correct once at the real size
+        sample = len(_jpeg(rng, width, height, FRAME_QUALITY, FRAME_NOISE))
+        scale = (per_frame / sample) ** 0.5
+        width = max(16, min(MAX_FRAME_WIDTH, round(width * scale / 16) * 16))
+        height = max(16, round(width * 3 / 4 / 16) * 16)
+    return width, height
+
+
 def _frames(spec: EpisodeSpec, rng: random.Random, camera_messages: int) -> list[bytes]:
-    """A few distinct JPEGs (cycled); bigger ones when a target size asks for it."""
+    """A few distinct JPEGs (cycled); camera-like ones of the right size for a target.
+
+    Without a target: four small smooth frames. With one: noisy frames sized so the camera
+    messages add up to ``target_bytes``, and enough distinct ones that no frame repeats
+    inside a chunk — zstd would otherwise store the repeat as a back-reference and the file
+    would come out several times smaller than the target."""
     per_frame = 0
     if spec.target_bytes and camera_messages:
         per_frame = max(0, spec.target_bytes // camera_messages)
-    width, height, quality = 160, 120, 80
-    while per_frame and width < 4096:
-        sample = _jpeg(rng, width, height, 95)
-        if len(sample) >= per_frame:
-            quality = 95
-            break
-        width, height = width * 2, height * 2
-    return [_jpeg(rng, width, height, quality) for _ in range(4)]
+    if not per_frame:
+        return [_jpeg(rng, 160, 120, 80) for _ in range(4)]
+    width, height = _frame_shape(rng, per_frame)
+    first = _jpeg(rng, width, height, FRAME_QUALITY, FRAME_NOISE)
+    distinct = max(4, min(MAX_DISTINCT_FRAMES, -(-CHUNK_SIZE // len(first)) + 1, camera_messages))
+    return [first] + [
+        _jpeg(rng, width, height, FRAME_QUALITY, FRAME_NOISE) for _ in range(distinct - 1)
+    ]
 
 
 def _iso_ms(moment: datetime) -> str:
@@ -180,6 +208,10 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
         int(t.rate_hz * spec.duration_s) for t in topics if "CompressedImage" in t.message_type
     )
     frames = _frames(spec, rng, camera_messages)
+    # Cameras start at different places in the cycle: the same frame on every camera at
+    # the same instant would be compressed away (see _frames).
+    cameras = [t.name for t in topics if "CompressedImage" in t.message_type]
+    shift = {name: k * len(frames) // len(cameras) for k, name in enumerate(cameras)}
     start_ns = int(spec.started_at.timestamp() * 1e9)
     gap = (
         (spec.duration_s * 0.4, spec.duration_s * 0.4 + 2.0) if "time_gap" in spec.faults else None
@@ -227,7 +259,7 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
             if name in channels and any(
                 t.name == name and "CompressedImage" in t.message_type for t in topics
             ):
-                data = frames[i % len(frames)]
+                data = frames[(i + shift[name]) % len(frames)]
                 if "zero_frames" in spec.faults and i % 5 == 2:
                     data = b""
                 elif corrupt and i % 7 == 3:

@@ -128,6 +128,8 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("GET", f"{V1}/episodes"): QUALITY | {Role.DATA_COLLECTOR},
     ("GET", f"{V1}/episodes/{{id}}"): QUALITY | {Role.DATA_COLLECTOR},
     ("PATCH", f"{V1}/episodes/{{id}}"): QUALITY,
+    ("GET", f"{V1}/qa/episodes/{{id}}/checks"): QUALITY | {Role.DATA_COLLECTOR},
+    ("POST", f"{V1}/qa/episodes/{{id}}/run"): MANAGERS,
     # Audit.
     ("GET", f"{V1}/audit"): ADMIN,
 }

@@ -1,4 +1,5 @@
-"""``keystone``: run the API, migrate, manage users and start the embedded dev stack."""
+"""``keystone``: run the API, migrate, manage users, start the embedded dev stack, score
+episodes (``keystone qa``) and generate or simulate recordings."""
 
 from __future__ import annotations
 
@@ -256,6 +257,114 @@ def simulate(
         Console().print(table)
     if summary["errors"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def qa(
+    target: Annotated[str, typer.Argument(help="An MCAP file path or s3://bucket/key.")],
+    tier: Annotated[
+        str, typer.Option(help="fast (summary + indexes + sampled frames), thorough, or auto.")
+    ] = "fast",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    require: Annotated[
+        list[str] | None, typer.Option(help="A topic that must have messages (repeatable).")
+    ] = None,
+    task_id: Annotated[str | None, typer.Option(help="Expected task id.")] = None,
+    device_id: Annotated[str | None, typer.Option(help="Expected device id.")] = None,
+    checksum: Annotated[
+        str | None, typer.Option(help="Expected SHA-256 (S3: the object's checksum metadata).")
+    ] = None,
+    min_duration: Annotated[float | None, typer.Option(help="Shortest acceptable, s.")] = None,
+    max_duration: Annotated[float | None, typer.Option(help="Longest acceptable, s.")] = None,
+) -> None:
+    """Score one episode: a table of checks, the score and the verdict (or --json).
+
+    Exit code 0: auto-approved; 1: needs inspection or QA failed; 2: unreadable input."""
+    import json
+
+    from keystone_core.qa.checks import Expectations, QAConfig
+    from keystone_core.qa.run import AUTO, FAST, THOROUGH, assess
+    from keystone_core.qa.source import LocalSource, S3Source, Source, SourceError, parse_s3_url
+    from keystone_core.settings import load_settings
+
+    if tier not in (FAST, THOROUGH, AUTO):
+        err.print(f"[red]--tier must be fast, thorough or auto, not {tier!r}[/red]")
+        raise typer.Exit(2)
+    settings = load_settings()
+    source: Source
+    try:
+        if target.startswith("s3://"):
+            from keystone_core.storage import create_s3_client
+
+            bucket, key = parse_s3_url(target)
+            client = create_s3_client(settings)
+            s3_source = S3Source(client, bucket, key)
+            if checksum is None:
+                head = client.head_object(Bucket=bucket, Key=key)
+                checksum = head.get("Metadata", {}).get("checksum-sha256") or None
+            source = s3_source
+        else:
+            source = LocalSource(Path(target))
+    except (SourceError, ValueError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    expect = Expectations(
+        task_id=task_id,
+        device_id=device_id,
+        required_topics=tuple(require or ()),
+        min_duration_s=min_duration,
+        max_duration_s=max_duration,
+        checksum_sha256=checksum.lower() if checksum else None,
+    )
+    config = QAConfig(
+        threshold=settings.qa_auto_approve_threshold,
+        thorough_band=settings.qa_thorough_band,
+        min_duration_s=settings.qa_min_duration_s,
+        max_gap_s=settings.qa_max_gap_s,
+    )
+    try:
+        report = assess(source, expect, config, tier=tier)
+    except SourceError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    finally:
+        source.close()
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"keystone qa — {report.source} ({report.tier} tier)")
+        for column in ("check", "result", "value", "threshold", "reason"):
+            table.add_column(column, overflow="fold")
+        marks = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "[dim]n/a[/dim]"}
+        for check in report.checks:
+            table.add_row(
+                check.name,
+                marks[check.passed],
+                _short(check.value),
+                _short(check.threshold),
+                check.reason,
+            )
+        console = Console()
+        console.print(table)
+        stats = report.stats
+        console.print(
+            f"score [bold]{report.score:.3f}[/bold] → [bold]{report.verdict}[/bold]   "
+            f"read {stats.get('bytes_read', 0):,} of {stats.get('size_bytes', 0):,} bytes "
+            f"in {stats.get('seconds', 0):.3f} s"
+        )
+    if report.unreadable:
+        raise typer.Exit(2)
+    if report.verdict != "auto_approved":
+        raise typer.Exit(1)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def main() -> None:

@@ -121,6 +121,13 @@ class S3Source:
         self.bytes_read = 0
         self.requests = 0
 
+    def _describe(self, exc: Exception) -> str:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code", "error")
+            return f"{self.name} not readable: {code}"
+        return f"object store unreachable reading {self.name}: {exc}"
+
     def _get(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)``; a GET on a missing object raises SourceError."""
         self.requests += 1
@@ -133,7 +140,7 @@ class S3Source:
             finally:
                 body.close()
         except self._errors as exc:
-            raise SourceError(f"{self.name}: ranged read failed: {exc}") from exc
+            raise SourceError(self._describe(exc)) from exc
         self.bytes_read += len(data)
         return data
 
@@ -175,13 +182,13 @@ class S3Source:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"]
         except self._errors as exc:
-            raise SourceError(f"{self.name}: read failed: {exc}") from exc
+            raise SourceError(self._describe(exc)) from exc
         try:
             while block := body.read(STREAM_BLOCK):
                 self.bytes_read += len(block)
                 yield block
         except self._errors as exc:
-            raise SourceError(f"{self.name}: read failed: {exc}") from exc
+            raise SourceError(self._describe(exc)) from exc
         finally:
             body.close()
 

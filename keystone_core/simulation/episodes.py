@@ -139,7 +139,7 @@ class Episode:
 FRAME_NOISE = 0.1
 FRAME_QUALITY = 90
 MAX_FRAME_WIDTH = 4096
-MAX_DISTINCT_FRAMES = 64
+MAX_DISTINCT_FRAMES = 4096  # tiny frames: a chunk holds thousands
 
 
 def _jpeg(rng: random.Random, width: int, height: int, quality: int, noise: float = 0.0) -> bytes:
@@ -158,7 +158,7 @@ def _jpeg(rng: random.Random, width: int, height: int, quality: int, noise: floa
 def _frame_shape(rng: random.Random, per_frame: int) -> tuple[int, int]:
     """4:3 dimensions (multiples of 16) whose noisy JPEG is about ``per_frame`` bytes."""
     width, height = 320, 240
-    for _ in range(2):  # calibrate on a small frame, then correct once at the real size
+    for _ in range(3):  # calibrate on a small frame, then correct twice near the real size
         sample = len(_jpeg(rng, width, height, FRAME_QUALITY, FRAME_NOISE))
         scale = (per_frame / sample) ** 0.5
         width = max(16, min(MAX_FRAME_WIDTH, round(width * scale / 16) * 16))
@@ -213,8 +213,12 @@ def generate(spec: EpisodeSpec, out_dir: Path) -> Episode:
     cameras = [t.name for t in topics if "CompressedImage" in t.message_type]
     shift = {name: k * len(frames) // len(cameras) for k, name in enumerate(cameras)}
     start_ns = int(spec.started_at.timestamp() * 1e9)
+    # Every topic falls silent for 2 s (less in short recordings), inside the recording.
+    gap_s = min(2.0, spec.duration_s * 0.5)
     gap = (
-        (spec.duration_s * 0.4, spec.duration_s * 0.4 + 2.0) if "time_gap" in spec.faults else None
+        (spec.duration_s * 0.4, spec.duration_s * 0.4 + gap_s)
+        if "time_gap" in spec.faults
+        else None
     )
 
     counts: dict[str, int] = {}

@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     qa_max_attempts: int = Field(
         5, ge=1, le=100, description="Runs that may fail to read an object before qa_failed."
     )
+    orphan_grace_minutes: int = Field(
+        10,
+        ge=1,
+        le=24 * 60,
+        description=(
+            "Objects in an edge bucket younger than this are left to the transfer hub; "
+            "orphan_upload_sensor looks at them at a later tick."
+        ),
+    )
     qa_time_budget_s: float = Field(600.0, gt=0.0, description="Per episode and tier.")
 
     api_host: str = "127.0.0.1"

@@ -10,14 +10,22 @@ from keystone_pipelines.defs.maintenance import (
     release_expired_leases,
     release_expired_leases_schedule,
 )
+from keystone_pipelines.defs.orphans import orphan_upload_sensor, repair_orphan_uploads
 from keystone_pipelines.defs.qa import episode_qa, pending_qa_sensor, qa_batch, qa_rerun
 from keystone_pipelines.defs.uploads import pending_verification_sensor, verify_uploads
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 defs = Definitions(
     assets=[episode_qa],
-    jobs=[release_expired_leases, prune_device_feed, verify_uploads, qa_batch, qa_rerun],
-    sensors=[pending_verification_sensor, pending_qa_sensor],
+    jobs=[
+        release_expired_leases,
+        prune_device_feed,
+        verify_uploads,
+        qa_batch,
+        qa_rerun,
+        repair_orphan_uploads,
+    ],
+    sensors=[pending_verification_sensor, pending_qa_sensor, orphan_upload_sensor],
     schedules=[release_expired_leases_schedule, prune_device_feed_schedule],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
 )

@@ -36,7 +36,6 @@ from dagster import (
 
 from keystone_core.errors import KeystoneError
 from keystone_core.services.orphans import (
-    DEFAULT_GRACE,
     OrphanRepair,
     advance_cursor,
     drop_gone,
@@ -62,19 +61,19 @@ OP_NAME = "repair_orphan_uploads_op"
 
 def orphan_grace(settings: Settings) -> timedelta:
     """``KEYSTONE_ORPHAN_GRACE_MINUTES``: objects this young are left to the transfer hub."""
-    minutes = getattr(settings, "orphan_grace_minutes", None)
-    return timedelta(minutes=minutes) if isinstance(minutes, int | float) else DEFAULT_GRACE
+    return timedelta(minutes=settings.orphan_grace_minutes)
 
 
 class RepairOrphanUploadsConfig(Config):
-    """Object keys (in their factory's edge bucket) to repair."""
+    """Object keys (in their factory's edge bucket) to repair. (Not ``keys``: Dagster
+    reads a config object through ``dict()``, which a ``keys`` attribute would confuse.)"""
 
-    keys: list[str]
+    object_keys: list[str]
 
 
 def repair_run_config(keys: Sequence[str]) -> dict[str, Any]:
     """The run config of a ``repair_orphan_uploads`` run for ``keys``."""
-    return {"ops": {OP_NAME: {"config": {"keys": list(keys)}}}}
+    return {"ops": {OP_NAME: {"config": {"object_keys": list(keys)}}}}
 
 
 def _markdown(results: Sequence[OrphanRepair]) -> str:
@@ -100,7 +99,7 @@ def repair_orphan_uploads_op(
     s3 = create_s3_client(database.settings)
     results: list[OrphanRepair] = []
     errors: dict[str, str] = {}
-    for key in dict.fromkeys(config.keys):
+    for key in dict.fromkeys(config.object_keys):
         try:
             # One transaction per key: a failure leaves the others' outcomes in place.
             with database.session() as session:
@@ -122,7 +121,7 @@ def repair_orphan_uploads_op(
     if errors:
         # Retried (the repair is idempotent: settled keys come back as "known").
         raise Failure(
-            f"{len(errors)} of {len(config.keys)} keys could not be checked (object store?)",
+            f"{len(errors)} of {len(config.object_keys)} keys could not be checked (object store?)",
             metadata={**metadata, "failed_keys": MetadataValue.json(errors)},
         )
     return Output(counts["repaired"], metadata=metadata)

@@ -14,7 +14,8 @@ registers them ``pending_qa``. Then, on the same data:
 
 Prints episodes/min of each and the overhead ratio Dagster / plain loop (same workers).
 
-    uv run python bench/qa_pipeline.py [--episodes 1000] [--mariadb 127.0.0.1:3306]
+    uv run python bench/qa.py pipeline [--episodes 1000] [--mariadb 127.0.0.1:3306]
+    (or bench/qa_pipeline.py with the same options)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from keystone_core.models import (
     EpisodeStatus,
     Factory,
     Order,
+    OrderStatus,
     Organization,
     QAResult,
     Robot,
@@ -94,7 +96,9 @@ def seed(url: str, env: dict[str, str], count: int, work: Path) -> None:
         order = Order(factory_id=factory.id, name="bench order", target_count=count)
         session.add_all([robot, order])
         session.flush()
-        batch = Batch(order_id=order.id, factory_id=factory.id, name="bench batch")
+        batch = Batch(
+            batch_id="batch_bench", order_id=order.id, factory_id=factory.id, name="bench"
+        )
         session.add(batch)
         session.flush()
         tasks = [
@@ -179,7 +183,7 @@ def reset(url: str) -> None:
                 approved_at=None,
             )
         )
-        session.execute(update(Order).values(approved_count=0, status="pending"))
+        session.execute(update(Order).values(approved_count=0, status=OrderStatus.CREATED.value))
         session.commit()
     engine.dispose()
 
@@ -283,8 +287,13 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--mariadb", default="127.0.0.1:3306")
     args = parser.parse_args()
-    host, port = args.mariadb.split(":")
-    work = Path(tempfile.mkdtemp(prefix="keystone-bench-qa-"))
+    run(args.episodes, args.mariadb)
+
+
+def run(episodes: int, mariadb: str, work: Path | None = None) -> None:
+    """The whole benchmark (``bench/qa.py pipeline`` calls this too)."""
+    host, port = mariadb.split(":")
+    work = Path(tempfile.mkdtemp(prefix="keystone-bench-qa-", dir=work))
     s3 = EmbeddedS3Server(data_dir=work / "s3", access_key="BENCHKEY", secret_key="bench-secret")
     s3.start()
     try:
@@ -299,8 +308,8 @@ def main() -> None:
             "KEYSTONE_S3_SECRET_KEY": s3.secret_key,
         }
         workers = load_settings(env="test").qa_workers
-        print(f"seeding {args.episodes} episodes …", flush=True)
-        seed(url, env, args.episodes, work)
+        print(f"seeding {episodes} episodes …", flush=True)
+        seed(url, env, episodes, work)
         print("plain loop, 1 worker …", flush=True)
         loop_1 = plain_loop(url, env, 1)
         verdicts = scored(url)
@@ -310,6 +319,7 @@ def main() -> None:
         reset(url)
         home = work / "dagster"
         home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         print(
             "Dagster: pending_qa_sensor + qa_batch runs (own processes, 2 at a time) …", flush=True
         )
@@ -317,7 +327,7 @@ def main() -> None:
         after = scored(url)
     finally:
         s3.stop()
-    n = args.episodes
+    n = episodes
     print()
     print(f"QA pipeline throughput — {n} episodes of 3 s (2 topics), fast tier via S3 ranged reads")
     rows = [

@@ -480,7 +480,7 @@ def score_batch(
                 outcome.verdicts[verdict] = outcome.verdicts.get(verdict, 0) + 1
             outcome.rows.append(row)
             outcome.partitions.setdefault((job.factory_id, job.recording_date), []).append(row)
-            if log:
+            if log and verdict != "auto_approved":  # the approved ones are in the summary
                 log(f"{job.episode_id} {verdict} {row['score']:.3f} {row['reason']}")
     outcome.seconds = time.monotonic() - started
     return outcome

@@ -15,10 +15,11 @@ come from settings and may be overridden per robot type (``robot_types.qa_config
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import numpy as np
 
 from keystone_core.qa.inventory import Inventory
 
@@ -184,22 +185,25 @@ def check_message_gaps(inventory: Inventory, config: QAConfig) -> Check:
     worst: dict[str, float] = {}
     allowed: dict[str, float] = {}
     failing: list[str] = []
-    for cid, times in inventory.times.items():
+    for cid, raw in inventory.times.items():
         info = inventory.channels.get(cid)
         topic = info.topic if info else f"channel {cid}"
+        times = np.frombuffer(raw, dtype=np.int64)
         if len(times) < 2:
             continue
-        diffs = [times[i + 1] - times[i] for i in range(len(times) - 1)]
-        period = statistics.median(diffs)
+        diffs = np.diff(times)
+        period = float(np.median(diffs))
         limit = max(config.max_gap_s, config.gap_factor * _seconds(int(period)))
-        edges = [times[0] - inventory.start_ns, inventory.end_ns - times[-1]]
-        biggest = max(max(diffs), *edges)
+        widest = int(np.argmax(diffs))
+        inner = int(diffs[widest])
+        edges = [int(times[0]) - inventory.start_ns, inventory.end_ns - int(times[-1])]
+        biggest = max(inner, *edges)
         worst[topic] = round(_seconds(biggest), 3)
         allowed[topic] = round(limit, 3)
         if _seconds(biggest) > limit:
-            where = diffs.index(max(diffs)) if max(diffs) >= max(edges) else None
+            where = widest if inner >= max(edges) else None
             at = (
-                f" after {(_seconds(times[where] - inventory.start_ns)):.1f} s"
+                f" after {(_seconds(int(times[where]) - inventory.start_ns)):.1f} s"
                 if where is not None
                 else " at the start or end"
             )
@@ -216,16 +220,17 @@ def check_frame_sizes(inventory: Inventory, config: QAConfig) -> Check:
     """Empty or cut frames from per-message sizes (index offsets, or the full read)."""
     flagged: dict[str, int] = {}
     examined = 0
-    for cid, sizes in inventory.sizes.items():
-        known = [s for s in sizes if s >= 0]
-        if not known:
+    for cid, raw in inventory.sizes.items():
+        sizes = np.frombuffer(raw, dtype=np.int64)
+        known = sizes[sizes >= 0]
+        if not len(known):
             continue
         examined += len(known)
-        median = statistics.median(known)
+        median = float(np.median(known))
         floor = max(config.min_frame_bytes, config.min_frame_fraction * median)
         if median < config.min_frame_bytes:  # a topic of small messages (e.g. IMU)
             floor = min(floor, median / 2)
-        small = sum(1 for s in known if s < floor)
+        small = int(np.count_nonzero(known < floor))
         if small:
             info = inventory.channels.get(cid)
             flagged[info.topic if info else f"channel {cid}"] = small

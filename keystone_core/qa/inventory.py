@@ -20,19 +20,21 @@ crash, a hang or a memory spike.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import time
 import zlib
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, cast
+from typing import IO, Any, cast
 
+import numpy as np
 import zstandard
 from mcap.data_stream import ReadDataStream
 from mcap.records import (
     Channel,
-    ChunkIndex,
     Metadata,
     MetadataIndex,
     Schema,
@@ -64,9 +66,10 @@ class Limits:
     max_small_record_bytes: int = 16 * 1024 * 1024
     max_messages: int = 50_000_000
     seconds: float = 600.0
-    # Fast tier frame sample: chunks read, frames decoded per image channel.
-    sample_chunks: int = 6
-    sample_frames: int = 12
+    # Fast tier frame sample: chunks read (spread first to last), frames decoded per image
+    # channel (spread over those chunks).
+    sample_chunks: int = 3
+    sample_frames: int = 6
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class Inventory:
         self.times.setdefault(channel_id, array("q")).append(log_time)
         self.sizes.setdefault(channel_id, array("q")).append(size)
 
+    def extend(self, channel_id: int, times: np.ndarray, sizes: np.ndarray) -> None:
+        self.times.setdefault(channel_id, array("q")).frombytes(times.astype("<i8").tobytes())
+        self.sizes.setdefault(channel_id, array("q")).frombytes(sizes.astype("<i8").tobytes())
+
     def schema_of(self, channel_id: int) -> str:
         info = self.channels.get(channel_id)
         return self.schemas.get(info.schema_id, "") if info else ""
@@ -132,11 +139,12 @@ class Inventory:
     def finish(self) -> None:
         """Sort each channel's timeline (sizes follow) and set the time span."""
         for cid, times in self.times.items():
-            sizes = self.sizes[cid]
-            if any(times[i] > times[i + 1] for i in range(len(times) - 1)):
-                pairs = sorted(zip(times, sizes, strict=True))
-                self.times[cid] = array("q", (t for t, _ in pairs))
-                self.sizes[cid] = array("q", (s for _, s in pairs))
+            values = np.frombuffer(times, dtype=np.int64)
+            if len(values) > 1 and bool(np.any(np.diff(values) < 0)):
+                order = np.argsort(values, kind="stable")
+                sizes = np.frombuffer(self.sizes[cid], dtype=np.int64)
+                self.times[cid] = array("q", values[order].tobytes())
+                self.sizes[cid] = array("q", sizes[order].tobytes())
         firsts = [t[0] for t in self.times.values() if t]
         lasts = [t[-1] for t in self.times.values() if t]
         if firsts and self.start_ns is None:
@@ -188,35 +196,60 @@ class _BytesReader:
         return out
 
 
-def _message_index(body: memoryview, chunk: ChunkRef | None) -> list[tuple[int, int, int]]:
-    """(offset, channel, log_time) entries of one MessageIndex record."""
+# One MessageIndex record: its channel and an (n, 2) array of (log_time, offset).
+IndexPart = tuple[int, "np.ndarray[Any, np.dtype[np.uint64]]"]
+
+
+def _message_index(body: memoryview, chunk: ChunkRef | None) -> IndexPart:
+    """The entries of one MessageIndex record (parsed in bulk, no per-entry Python)."""
     if len(body) < 6:
         raise ValueError("message index record too short")
     channel_id, records_length = struct.unpack_from("<HI", body, 0)
     if records_length % 16 or records_length > len(body) - 6:
         raise ValueError("malformed message index record")
-    out = []
-    for i in range(records_length // 16):
-        log_time, offset = struct.unpack_from("<QQ", body, 6 + 16 * i)
-        out.append((offset, channel_id, log_time))
-    if chunk is not None and out:
+    count = records_length // 16
+    entries = np.frombuffer(body, dtype="<u8", count=2 * count, offset=6).reshape(count, 2)
+    if chunk is not None and count:
         chunk.channels.add(channel_id)
-    return out
+    return channel_id, entries
 
 
-def _add_indexed(
-    inventory: Inventory, entries: list[tuple[int, int, int]], uncompressed: int | None
-) -> None:
-    """Messages of one chunk from its index entries; sizes from consecutive offsets."""
-    entries.sort()
-    for i, (offset, channel_id, log_time) in enumerate(entries):
-        if i + 1 < len(entries):
-            size = entries[i + 1][0] - offset - MESSAGE_OVERHEAD
-        elif uncompressed is not None:
-            size = uncompressed - offset - MESSAGE_OVERHEAD
-        else:
-            size = -1
-        inventory.add(channel_id, log_time, size)
+def _add_indexed(inventory: Inventory, parts: list[IndexPart], uncompressed: int | None) -> None:
+    _add_chunks(inventory, [(parts, uncompressed)])
+
+
+def _add_chunks(inventory: Inventory, chunks: list[tuple[list[IndexPart], int | None]]) -> None:
+    """Messages of many chunks from their index entries, in bulk. A message's size is the
+    distance to the next message's offset in its chunk (the last one's: to the end of the
+    chunk's records, or unknown (-1) when the chunk's size is not known)."""
+    rows = [
+        (number, cid, entries)
+        for number, (parts, _) in enumerate(chunks)
+        for cid, entries in parts
+        if len(entries)
+    ]
+    if not rows:
+        return
+    chunk_of = np.concatenate([np.full(len(e), n, dtype=np.int64) for n, _, e in rows])
+    channels = np.concatenate([np.full(len(e), cid, dtype=np.int64) for _, cid, e in rows])
+    times = np.concatenate([e[:, 0] for _, _, e in rows]).astype(np.int64)
+    offsets = np.concatenate([e[:, 1] for _, _, e in rows]).astype(np.int64)
+    ends = np.array([-1 if end is None else end for _, end in chunks], dtype=np.int64)
+    order = np.lexsort((offsets, chunk_of))
+    in_chunk, at = chunk_of[order], offsets[order]
+    following = np.empty_like(at)
+    following[:-1] = at[1:]
+    same = np.zeros(len(at), dtype=bool)
+    same[:-1] = in_chunk[1:] == in_chunk[:-1]
+    end = ends[in_chunk]
+    step = np.where(
+        same, following - at - MESSAGE_OVERHEAD, np.where(end >= 0, end - at - MESSAGE_OVERHEAD, -1)
+    )
+    sizes = np.empty_like(step)
+    sizes[order] = step
+    for cid in np.unique(channels):
+        mask = channels == cid
+        inventory.extend(int(cid), times[mask], sizes[mask])
 
 
 def _add_definition(inventory: Inventory, opcode: int, body: memoryview) -> None:
@@ -291,17 +324,7 @@ def _read_summary(source: Source, limits: Limits, inventory: Inventory) -> str |
             if opcode in (OP_SCHEMA, OP_CHANNEL):
                 _add_definition(inventory, opcode, body)
             elif opcode == OP_CHUNK_INDEX:
-                index = _parse(ChunkIndex, body)
-                assert isinstance(index, ChunkIndex)
-                inventory.chunks.append(
-                    ChunkRef(
-                        index.chunk_start_offset,
-                        index.chunk_length,
-                        set(index.message_index_offsets),
-                        index.message_index_length,
-                        index.uncompressed_size,
-                    )
-                )
+                inventory.chunks.append(_chunk_index(body))
             elif opcode == OP_STATISTICS:
                 stats = _parse(Statistics, body)
                 assert isinstance(stats, Statistics)
@@ -344,6 +367,22 @@ def _read_metadata(
             inventory.notes.append(f"metadata record unreadable: {exc}"[:200])
 
 
+def _chunk_index(body: memoryview) -> ChunkRef:
+    """A ChunkIndex record, parsed directly (thousands per file: no per-field objects)."""
+    _start, _end, offset, length, map_length = struct.unpack_from("<QQQQI", body, 0)
+    position = 36 + map_length
+    if map_length % 10 or position + 12 > len(body):
+        raise ValueError("malformed chunk index record")
+    channels = {cid for cid, _ in struct.iter_unpack("<HQ", body[36:position])}
+    (index_length,) = struct.unpack_from("<Q", body, position)
+    (name_length,) = struct.unpack_from("<I", body, position + 8)
+    position += 12 + name_length
+    if position + 16 > len(body):
+        raise ValueError("malformed chunk index record")
+    _compressed, uncompressed = struct.unpack_from("<QQ", body, position)
+    return ChunkRef(offset, length, channels, index_length, uncompressed)
+
+
 def _read_indexes(source: Source, limits: Limits, inventory: Inventory, clock: _Clock) -> None:
     ranges = [(ref.offset + ref.length, ref.index_length) for ref in inventory.chunks]
     # Batches keep the memory of one batch of index sections, not the whole file's.
@@ -351,17 +390,21 @@ def _read_indexes(source: Source, limits: Limits, inventory: Inventory, clock: _
     for first in range(0, len(ranges), batch):
         clock.check()
         blobs = source.read_ranges(ranges[first : first + batch])
+        found: list[tuple[list[IndexPart], int | None]] = []
         for ref, blob in zip(inventory.chunks[first : first + batch], blobs, strict=True):
-            entries: list[tuple[int, int, int]] = []
+            entries: list[IndexPart] = []
             try:
                 for opcode, _at, body in _records(blob):
                     if opcode == OP_MESSAGE_INDEX:
-                        entries.extend(_message_index(body, ref))
+                        entries.append(_message_index(body, ref))
             except ValueError as exc:
                 inventory.notes.append(f"message index of chunk at {ref.offset}: {exc}")
-            _add_indexed(inventory, entries, ref.uncompressed_size)
-            if inventory.total() > limits.max_messages:
-                raise Unreadable(f"more than {limits.max_messages} messages")
+            found.append((entries, ref.uncompressed_size))
+        if sum(len(e) for parts, _ in found for _, e in parts) + inventory.total() > (
+            limits.max_messages
+        ):
+            raise Unreadable(f"more than {limits.max_messages} messages")
+        _add_chunks(inventory, found)
     if not inventory.chunks and inventory.stated_counts and sum(inventory.stated_counts.values()):
         inventory.notes.append("messages are not chunked: no message index to read")
 
@@ -432,6 +475,7 @@ def _sample_frames(source: Source, limits: Limits, inventory: Inventory, clock: 
     picks = sorted({round(i * (len(candidates) - 1) / max(1, wanted - 1)) for i in range(wanted)})
     chosen = [candidates[i] for i in picks if candidates[i].length <= limits.max_chunk_bytes]
     per_chunk = max(1, -(-limits.sample_frames // max(1, len(chosen))))
+    work: list[tuple[int, int, str, bytes]] = []
     for ref, blob in zip(
         chosen, source.read_ranges([(r.offset, r.length) for r in chosen]), strict=True
     ):
@@ -453,10 +497,16 @@ def _sample_frames(source: Source, limits: Limits, inventory: Inventory, clock: 
             continue
         for cid, frames in found.items():
             step = max(1, len(frames) // per_chunk)
-            for log_time, payload in frames[::step][:per_chunk]:
-                kind = kinds[cid]
-                assert kind is not None
-                inventory.frames.append(Frame(cid, log_time, check_frame(kind, bytes(payload))))
+            kind = kinds[cid]
+            assert kind is not None
+            work.extend((cid, t, kind, bytes(p)) for t, p in frames[::step][:per_chunk])
+    # The decoders release the GIL: decode the sample on every core.
+    with ThreadPoolExecutor(min(len(work), os.cpu_count() or 1) or 1) as pool:
+        problems = list(pool.map(lambda w: check_frame(w[2], w[3]), work))
+    inventory.frames.extend(
+        Frame(cid, log_time, problem)
+        for (cid, log_time, _, _), problem in zip(work, problems, strict=True)
+    )
 
 
 # --- sequential scan: recovery (fast) and the full pass (thorough) --------------------------
@@ -533,7 +583,7 @@ def _scan(
     reader.read(len(MAGIC))
     kinds: dict[int, str | None] = {}
     pending_chunk: tuple[ChunkRef, bytes, int] | None = None  # fast: the last chunk's body
-    entries: list[tuple[int, int, int]] = []
+    entries: list[IndexPart] = []
     ended = False
     sampled = 0
 
@@ -542,7 +592,7 @@ def _scan(
         if pending_chunk is None:
             return
         ref, body, uncompressed = pending_chunk
-        unknown = {cid for _, cid, _ in entries} - set(inventory.channels)
+        unknown = {cid for cid, found in entries if len(found)} - set(inventory.channels)
         if unknown:
             try:
                 raw, _ = _chunk_records(memoryview(body), limits, validate_crc=False)
@@ -620,7 +670,7 @@ def _scan(
         if opcode == OP_MESSAGE_INDEX and not full:
             body = memoryview(reader.read(length))
             try:
-                entries.extend(_message_index(body, pending_chunk[0] if pending_chunk else None))
+                entries.append(_message_index(body, pending_chunk[0] if pending_chunk else None))
             except ValueError as exc:
                 inventory.notes.append(f"message index at byte {at}: {exc}")
             continue

@@ -230,8 +230,9 @@ def _add_chunks(inventory: Inventory, chunks: list[tuple[list[IndexPart], int | 
     ]
     if not rows:
         return
-    chunk_of = np.concatenate([np.full(len(e), n, dtype=np.int64) for n, _, e in rows])
-    channels = np.concatenate([np.full(len(e), cid, dtype=np.int64) for _, cid, e in rows])
+    counts = np.array([len(e) for _, _, e in rows])
+    chunk_of = np.repeat(np.array([n for n, _, _ in rows], dtype=np.int64), counts)
+    channels = np.repeat(np.array([cid for _, cid, _ in rows], dtype=np.int64), counts)
     times = np.concatenate([e[:, 0] for _, _, e in rows]).astype(np.int64)
     offsets = np.concatenate([e[:, 1] for _, _, e in rows]).astype(np.int64)
     ends = np.array([-1 if end is None else end for _, end in chunks], dtype=np.int64)
@@ -431,9 +432,7 @@ def _chunk_records(
     if uncompressed_size > limits.max_chunk_bytes:
         raise ValueError(f"chunk claims {uncompressed_size} uncompressed bytes (over the limit)")
     if compression == "zstd":
-        raw = zstandard.ZstdDecompressor().decompress(
-            bytes(data), max_output_size=uncompressed_size
-        )
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=uncompressed_size)
     elif compression == "lz4":
         import lz4.frame
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from keystone_api.crud import ERRORS
+from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, RowId
 from keystone_core.errors import ConflictError
@@ -67,7 +67,7 @@ class RerunAccepted(BaseModel):
 @router.get(
     "/episodes/{id}/checks",
     response_model=EpisodeChecks,
-    responses=ERRORS,
+    responses={**ERRORS, **NOT_FOUND},
     summary="QA results of an episode: every check with value, threshold and reason",
 )
 def episode_checks(id: RowId, principal: CurrentPrincipal, session: SessionDep) -> EpisodeChecks:
@@ -100,7 +100,7 @@ def episode_checks(id: RowId, principal: CurrentPrincipal, session: SessionDep) 
     "/episodes/{id}/run",
     status_code=202,
     response_model=RerunAccepted,
-    responses=ERRORS,
+    responses={**ERRORS, **NOT_FOUND, **CONFLICT},
     summary="Score an episode again (audited); the pending-QA sensor picks it up",
 )
 def rerun_episode(

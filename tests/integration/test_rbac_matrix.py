@@ -235,6 +235,8 @@ def callers(app_settings: Settings, mariadb_engine: Engine, client: TestClient) 
 
 def fill(path: str, world: World, device_id: str) -> str:
     collection = path.removeprefix("/api/v1/").split("/")[0]
+    if collection == "qa":  # /qa/episodes/{id}/…
+        collection = path.removeprefix("/api/v1/qa/").split("/")[0]
 
     def value(match: re.Match[str]) -> str:
         name = match.group(1)
@@ -330,6 +332,8 @@ def test_another_factorys_rows_are_404_not_403(client: TestClient, callers: Call
         if Role.PRODUCTION_MANAGER not in rule:
             continue
         collection = path.removeprefix("/api/v1/").split("/")[0]
+    if collection == "qa":  # /qa/episodes/{id}/…
+        collection = path.removeprefix("/api/v1/qa/").split("/")[0]
         response = call(client, method, fill(path, callers.world_b, "dev-b"), token)
         want = 200 if collection in GLOBAL_COLLECTIONS else 404
         if response.status_code != want:

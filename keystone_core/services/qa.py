@@ -416,6 +416,19 @@ class BatchOutcome:
     # (factory_id, recording_date) → episode rows, for per-partition reporting.
     partitions: dict[tuple[int, dt.date], list[dict[str, Any]]] = field(default_factory=dict)
 
+    def absorb(self, other: BatchOutcome) -> None:
+        """Add another batch's counts and rows to this one."""
+        self.claimed += other.claimed
+        self.retried += other.retried
+        self.lost_lease += other.lost_lease
+        self.seconds += other.seconds
+        self.bytes_read += other.bytes_read
+        self.rows += other.rows
+        for verdict, count in other.verdicts.items():
+            self.verdicts[verdict] = self.verdicts.get(verdict, 0) + count
+        for key, rows in other.partitions.items():
+            self.partitions.setdefault(key, []).extend(rows)
+
 
 def score_batch(
     jobs: list[QAJob],

@@ -147,6 +147,39 @@ def _log_partitions(
         )
 
 
+def _claim_and_score(
+    context: OpExecutionContext | AssetExecutionContext,
+    database: KeystoneDatabase,
+    object_store: KeystoneObjectStore,
+    *,
+    limit: int,
+    episode_ids: list[int] | None = None,
+) -> qa_service.BatchOutcome:
+    """Claim up to ``limit`` waiting episodes (of ``episode_ids`` when given) under this
+    run's lease and score them ``KEYSTONE_QA_WORKERS`` at a time."""
+    settings = database.settings
+    with database.session() as session:
+        jobs = qa_service.claim(
+            session,
+            settings,
+            owner=context.run_id,
+            limit=limit,
+            lease=timedelta(minutes=settings.qa_lease_minutes),
+            episode_ids=episode_ids,
+        )
+    context.log.info("claimed %d episode(s) (limit %d)", len(jobs), limit)
+    return qa_service.score_batch(
+        jobs,
+        settings=settings,
+        s3=object_store.client,
+        session_scope=database.session,
+        owner=context.run_id,
+        run_id=context.run_id,
+        workers=settings.qa_workers,
+        log=context.log.info,
+    )
+
+
 class QABatchConfig(Config):
     # 0: sized from the backlog (KEYSTONE_QA_BATCH_MIN … _MAX).
     batch_size: int = 0
@@ -167,24 +200,7 @@ def score_pending_episodes(
         size = config.batch_size or batch_size(
             qa_service.backlog(session), settings.qa_batch_min, settings.qa_batch_max
         )
-        jobs = qa_service.claim(
-            session,
-            settings,
-            owner=context.run_id,
-            limit=size,
-            lease=timedelta(minutes=settings.qa_lease_minutes),
-        )
-    context.log.info("claimed %d episode(s) (batch size %d)", len(jobs), size)
-    outcome = qa_service.score_batch(
-        jobs,
-        settings=settings,
-        s3=object_store.client,
-        session_scope=database.session,
-        owner=context.run_id,
-        run_id=context.run_id,
-        workers=settings.qa_workers,
-        log=context.log.info,
-    )
+    outcome = _claim_and_score(context, database, object_store, limit=size)
     _log_partitions(context, database, outcome)
     return Output(len(outcome.rows), metadata=_run_metadata(outcome))
 
@@ -207,33 +223,20 @@ def rerun_episodes(
     database: KeystoneDatabase,
     object_store: KeystoneObjectStore,
 ) -> Output[int]:
-    settings = database.settings
     actor = Actor.system("dagster", request_id=context.run_id)
     with database.session() as session:
         requeued = qa_service.requeue(
             session, config.episode_ids, actor, tier=config.tier, reason=config.reason
         )
-        for episode_id in config.episode_ids:
+        for episode_id in config.episode_ids:  # those that were waiting already
             qa_service.request_tier(session, episode_id, config.tier)
-    with database.session() as session:
-        jobs = qa_service.claim(
-            session,
-            settings,
-            owner=context.run_id,
-            limit=len(config.episode_ids),
-            lease=timedelta(minutes=settings.qa_lease_minutes),
-            episode_ids=config.episode_ids,
-        )
-    context.log.info("requeued %d, claimed %d", len(requeued), len(jobs))
-    outcome = qa_service.score_batch(
-        jobs,
-        settings=settings,
-        s3=object_store.client,
-        session_scope=database.session,
-        owner=context.run_id,
-        run_id=context.run_id,
-        workers=settings.qa_workers,
-        log=context.log.info,
+    context.log.info("requeued %d episode(s)", len(requeued))
+    outcome = _claim_and_score(
+        context,
+        database,
+        object_store,
+        limit=len(config.episode_ids),
+        episode_ids=config.episode_ids,
     )
     _log_partitions(context, database, outcome)
     return Output(len(outcome.rows), metadata=_run_metadata(outcome))
@@ -278,33 +281,9 @@ def episode_qa(
     remaining = list(ids)
     while remaining:
         chunk, remaining = remaining[: settings.qa_batch_max], remaining[settings.qa_batch_max :]
-        with database.session() as session:
-            jobs = qa_service.claim(
-                session,
-                settings,
-                owner=context.run_id,
-                limit=len(chunk),
-                lease=timedelta(minutes=settings.qa_lease_minutes),
-                episode_ids=chunk,
-            )
-        part = qa_service.score_batch(
-            jobs,
-            settings=settings,
-            s3=object_store.client,
-            session_scope=database.session,
-            owner=context.run_id,
-            run_id=context.run_id,
-            workers=settings.qa_workers,
-            log=context.log.info,
+        outcome.absorb(
+            _claim_and_score(context, database, object_store, limit=len(chunk), episode_ids=chunk)
         )
-        outcome.claimed += part.claimed
-        outcome.rows += part.rows
-        outcome.retried += part.retried
-        outcome.lost_lease += part.lost_lease
-        outcome.seconds += part.seconds
-        outcome.bytes_read += part.bytes_read
-        for verdict, count in part.verdicts.items():
-            outcome.verdicts[verdict] = outcome.verdicts.get(verdict, 0) + count
     checks = []
     for kind in CHECK_KINDS:
         failed = [r for r in outcome.rows if kind in r["failing"]]

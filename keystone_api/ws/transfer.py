@@ -65,6 +65,9 @@ class TransferHub(DeviceHub):
         super().__init__(engine, settings)
         self.s3 = s3
         self._last_requests = 0.0
+        # (robot, task) whose ACK this process is deciding or sending right now: the tick
+        # and a device message must not both ACK the same upload.
+        self._acking: set[tuple[int, str]] = set()
 
     def refusal_status(self, exc: KeystoneError) -> int:
         return 403 if isinstance(exc, PermissionDeniedError) else 404
@@ -101,10 +104,23 @@ class TransferHub(DeviceHub):
         ready = await self.db(lambda s: uploads.verified_unacked(s, sorted(sockets)))
         for robot_id, task_id in ready:
             conn = sockets[robot_id]
-            if await self._send(conn, {"type": "upload_ack", "task_id": task_id}):
-                ACKS.labels("verified").inc()
-                mark = functools.partial(uploads.mark_acked, device=conn.device, task_id=task_id)
-                await self.db(mark)
+            key = (robot_id, task_id)
+            if key in self._acking:
+                continue  # a device message is ACKing it now
+            self._acking.add(key)
+            try:
+                # The list is a snapshot: the upload may have been ACKed since.
+                pending = functools.partial(uploads.unacked, device=conn.device, task_id=task_id)
+                if not await self.db(pending):
+                    continue
+                if await self._send(conn, {"type": "upload_ack", "task_id": task_id}):
+                    ACKS.labels("verified").inc()
+                    mark = functools.partial(
+                        uploads.mark_acked, device=conn.device, task_id=task_id
+                    )
+                    await self.db(mark)
+            finally:
+                self._acking.discard(key)
         for robot_id, task_id in due:
             conn = sockets[robot_id]
             frame = {"type": "upload_request", "task_id": task_id, "priority": 1}
@@ -187,6 +203,18 @@ class TransferHub(DeviceHub):
             log.warning("transfer %s sent an unknown frame type %r", device.device_id, kind)
 
     async def _verify_and_ack(
+        self, conn: LocalSocket, report: uploads.Reported, *, reason: str
+    ) -> None:
+        key = (conn.device.robot_id, report.task_id)
+        if key in self._acking:
+            return  # the tick is ACKing this upload right now
+        self._acking.add(key)
+        try:
+            await self._verify_and_ack_once(conn, report, reason=reason)
+        finally:
+            self._acking.discard(key)
+
+    async def _verify_and_ack_once(
         self, conn: LocalSocket, report: uploads.Reported, *, reason: str
     ) -> None:
         device = conn.device

@@ -643,6 +643,12 @@ def verified_unacked(session: Session, robot_ids: list[int]) -> list[tuple[int, 
     return [(int(r), str(t)) for r, t in rows]
 
 
+def unacked(session: Session, device: DeviceIdentity, task_id: str) -> bool:
+    """The upload is verified and its ACK has not gone out yet."""
+    row = verified_upload(session, device, task_id)
+    return row is not None and row.acked_at is None
+
+
 def verified_upload(session: Session, device: DeviceIdentity, task_id: str) -> DeviceUpload | None:
     return session.exec(
         select(DeviceUpload).where(

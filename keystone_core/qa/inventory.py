@@ -291,9 +291,13 @@ def indexed_inventory(source: Source, limits: Limits) -> Inventory:
         _sample_frames(source, limits, recovered, clock)
         return recovered
     clock.check()
-    _read_indexes(source, limits, inventory, clock)
+    # The chunk index already says which chunks hold image frames: decode the sample
+    # (decompression and JPEG decoding release the GIL) while the indexes are read.
+    with ThreadPoolExecutor(1) as pool:
+        sampling = pool.submit(_sample_frames, source, limits, inventory, clock)
+        _read_indexes(source, limits, inventory, clock)
+        sampling.result()
     inventory.finish()
-    _sample_frames(source, limits, inventory, clock)
     return inventory
 
 

@@ -9,6 +9,7 @@ counted: the benchmark and each report say how much of the object was read.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,13 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def _count(source: LocalSource | S3Source, size: int, *, requests: int = 1) -> None:
+    """Account one read (sources are read from several threads at once)."""
+    with source._counting:
+        source.requests += requests
+        source.bytes_read += size
+
+
 def _clamp(size: int, offset: int, length: int) -> tuple[int, int]:
     offset = max(0, min(offset, size))
     return offset, max(0, min(length, size - offset))
@@ -62,13 +70,13 @@ class LocalSource:
         except OSError as exc:
             raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from exc
         self.bytes_read = 0
+        self._counting = threading.Lock()
         self.requests = 0
 
     def read_at(self, offset: int, length: int) -> bytes:
         offset, length = _clamp(self.size, offset, length)
-        self.requests += 1
         data = os.pread(self._file.fileno(), length, offset)
-        self.bytes_read += len(data)
+        _count(self, len(data))
         return data
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -77,8 +85,7 @@ class LocalSource:
     def stream(self) -> Iterator[bytes]:
         self._file.seek(0)
         while block := self._file.read(STREAM_BLOCK):
-            self.requests += 1
-            self.bytes_read += len(block)
+            _count(self, len(block))
             yield block
 
     def sibling(self, suffix: str, max_bytes: int) -> bytes | None:
@@ -121,6 +128,7 @@ class S3Source:
                 raise SourceError(f"object store unreachable: {exc}") from exc
         self.size = size
         self.bytes_read = 0
+        self._counting = threading.Lock()
         self.requests = 0
         self._url: str | None = None
 
@@ -144,7 +152,6 @@ class S3Source:
         Ranged reads go through one presigned URL (the Range header is not part of the
         signature) on a shared keep-alive pool: a signed boto3 call costs ~3 ms of CPU
         each, and the fast tier makes one per chunk of a big file."""
-        self.requests += 1
         try:
             response = _HTTP.request(
                 "GET",
@@ -158,8 +165,9 @@ class S3Source:
         if response.status in (200, 206):
             # 200: a store that ignores Range sent the whole object.
             data = response.data if response.status == 206 else response.data[start:end]
-            self.bytes_read += len(data)
+            _count(self, len(data))
             return data
+        _count(self, 0)
         code = _error_code(response.data) or str(response.status)
         raise SourceError(f"{self.name} not readable: {code}")
 
@@ -197,14 +205,14 @@ class S3Source:
         return out
 
     def stream(self) -> Iterator[bytes]:
-        self.requests += 1
+        _count(self, 0)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"]
         except self._errors as exc:
             raise SourceError(self._describe(exc)) from exc
         try:
             while block := body.read(STREAM_BLOCK):
-                self.bytes_read += len(block)
+                _count(self, len(block), requests=0)
                 yield block
         except self._errors as exc:
             raise SourceError(self._describe(exc)) from exc

@@ -33,6 +33,7 @@ ADMIN = frozenset({Role.ADMIN})
 MANAGERS = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER})
 PRODUCTION = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER, Role.DATA_COLLECTOR})
 QUALITY = frozenset({Role.ADMIN, Role.PRODUCTION_MANAGER, Role.DATA_INSPECTOR})
+INSPECTORS = frozenset({Role.ADMIN, Role.DATA_INSPECTOR})
 EVERYONE = frozenset(Role)
 
 
@@ -130,6 +131,11 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("PATCH", f"{V1}/episodes/{{id}}"): QUALITY,
     ("GET", f"{V1}/qa/episodes/{{id}}/checks"): QUALITY | {Role.DATA_COLLECTOR},
     ("POST", f"{V1}/qa/episodes/{{id}}/run"): MANAGERS,
+    ("GET", f"{V1}/inspections/queue"): INSPECTORS,
+    ("POST", f"{V1}/inspections/{{id}}/claim"): INSPECTORS,
+    ("POST", f"{V1}/inspections/{{id}}/approve"): INSPECTORS,
+    ("POST", f"{V1}/inspections/{{id}}/reject"): INSPECTORS,
+    ("GET", f"{V1}/inspections/stats"): QUALITY,
     # Audit.
     ("GET", f"{V1}/audit"): ADMIN,
 }

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     qa_max_attempts: int = Field(
         5, ge=1, le=100, description="Runs that may fail to read an object before qa_failed."
     )
+    inspection_lease_minutes: int = Field(
+        30, ge=1, le=24 * 60, description="How long an inspector's claim holds an episode."
+    )
     orphan_grace_minutes: int = Field(
         10,
         ge=1,

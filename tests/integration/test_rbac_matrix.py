@@ -151,6 +151,7 @@ def build_world(session: Session, tag: str) -> World:
         "batches": batch.id,
         "tasks": task.id,
         "episodes": episode.id,
+        "inspections": episode.id,  # /inspections/{id}/… take the episode's id
         "enrollment_windows": window.id,
     }
     return World(

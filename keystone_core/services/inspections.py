@@ -157,6 +157,23 @@ def _refuse_others(claim: Inspection | None, user_id: int) -> None:
         )
 
 
+def _take(
+    session: Session, scope: Scope, episode_id: int, user_id: int, inspector_id: int | None
+) -> tuple[Episode, Inspection, dt.datetime]:
+    """Lock the episode, check it waits for a person and nobody else holds it; the
+    caller's live claim, or a new (unsaved) one."""
+    episode = _locked_episode(session, scope, episode_id)
+    _needs_inspection(episode)
+    now = clock.now()
+    current = _live_claim(session, episode_id, now)
+    _refuse_others(current, user_id)
+    if current is None:
+        current = Inspection(
+            episode_id=episode_id, user_id=user_id, inspector_id=inspector_id, claimed_at=now
+        )
+    return episode, current, now
+
+
 def claim(
     session: Session,
     scope: Scope,
@@ -167,15 +184,7 @@ def claim(
     lease: dt.timedelta,
 ) -> Inspection:
     """Claim (or extend the caller's claim on) an episode for ``lease``."""
-    episode = _locked_episode(session, scope, episode_id)
-    _needs_inspection(episode)
-    now = clock.now()
-    current = _live_claim(session, episode_id, now)
-    _refuse_others(current, user_id)
-    if current is None:
-        current = Inspection(
-            episode_id=episode_id, user_id=user_id, inspector_id=inspector_id, claimed_at=now
-        )
+    _episode, current, now = _take(session, scope, episode_id, user_id, inspector_id)
     current.lease_expires_at = now + lease
     session.add(current)
     session.flush()
@@ -196,15 +205,7 @@ def decide(
 ) -> Inspection:
     """Approve or reject. Without a claim of the caller's own, the decision claims and
     closes in one step — unless another inspector holds a live claim (409 ``claimed``)."""
-    episode = _locked_episode(session, scope, episode_id)
-    _needs_inspection(episode)
-    now = clock.now()
-    inspection = _live_claim(session, episode_id, now)
-    _refuse_others(inspection, user_id)
-    if inspection is None:
-        inspection = Inspection(
-            episode_id=episode_id, user_id=user_id, inspector_id=inspector_id, claimed_at=now
-        )
+    episode, inspection, now = _take(session, scope, episode_id, user_id, inspector_id)
     inspection.decision = decision
     inspection.reason = reason
     inspection.failed_tags = failed_tags

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND
+from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_engine
 from keystone_api.errors import ErrorBody
 from keystone_api.ratelimits import REGISTRATION, client_ip, hit
@@ -130,7 +130,7 @@ def list_windows(
     factory_id: Annotated[int | None, Query(ge=1)] = None,
     open_only: Annotated[bool, Query(description="Only windows that are open now.")] = False,
     limit: Annotated[int, Query(ge=1, description="Values above 100 give 100.")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[EnrollmentWindowPublic]:
     limit = min(limit, MAX_LIMIT)
     rows, total = devices.list_windows(

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
-from keystone_api.crud import ERRORS, NOT_FOUND
+from keystone_api.crud import ERRORS, MAX_OFFSET, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
@@ -185,7 +185,7 @@ class EpisodePaging:
         limit: Annotated[
             int, Query(ge=1, description="Page size; values above 100 give 100.")
         ] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> None:
         self.limit = crud.clamp_limit(limit)
         self.offset = offset

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND
+from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core import clock
@@ -90,7 +90,7 @@ def inspection_queue(
     principal: CurrentPrincipal,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, description="Page size; values above 100 give 100.")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[QueueItem]:
     assert principal.user.id is not None
     limit = crud.clamp_limit(limit)

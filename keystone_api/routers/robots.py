@@ -11,7 +11,7 @@ from pydantic import MISSING, AliasChoices, BaseModel, ConfigDict, Field, String
 from sqlalchemy import ColumnElement
 from sqlmodel import col
 
-from keystone_api.crud import CONFLICT, ERRORS, NOT_FOUND, add_crud_routes
+from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.models import Robot, RobotType
@@ -338,7 +338,7 @@ def workstation_history(
     principal: CurrentPrincipal,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, description="Page size; values above 100 give 100.")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[WorkstationBindingPublic]:
     limit = min(limit, MAX_LIMIT)
     entries, total = robots.workstation_history(

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, update
 from sqlmodel import Session
 
 from keystone_api.access import ROUTE_ACCESS, Device, Public
-from keystone_core.models import Role
+from keystone_core.models import Episode, EpisodeStatus, Role
 from tests.integration.test_rbac_matrix import app_settings, build_world, client  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -40,10 +40,11 @@ def list_routes() -> list[str]:
         and "{" not in path
         and not isinstance(rule, Public | Device)
         and Role.ADMIN in rule
-        # Not pages: the caller itself, an event stream, the live recorder list.
+        # Not pages: the caller itself, an event stream, the live recorder list, counts.
         and path
         not in {
             "/api/v1/auth/me",
+            "/api/v1/inspections/stats",
             "/api/v1/device-state/stream",
             "/api/v1/recorder/devices",
             "/api/v1/transfer/devices",
@@ -58,6 +59,9 @@ def test_list_routes_query_count_does_not_grow_with_the_page(
     with Session(mariadb_engine) as session:
         build_world(session, "a")
         build_world(session, "b")
+        session.commit()
+        # Their episodes wait for a person, so the inspection queue has rows to page.
+        session.execute(update(Episode).values(status=EpisodeStatus.NEEDS_INSPECTION.value))
         session.commit()
     token = client.post(
         "/api/v1/auth/login", json={"account": "admin", "password": "test-admin-password"}
@@ -81,3 +85,16 @@ def test_list_routes_query_count_does_not_grow_with_the_page(
     assert not growing, "\n".join(growing)
     # Two worlds give every family at least two rows; a list left out would hide an N+1.
     assert len(compared) >= len(list_routes()) - 1, sorted(set(list_routes()) - set(compared))
+
+
+def test_list_routes_refuse_offsets_beyond_the_database_range(
+    client: TestClient,  # noqa: F811
+    mariadb_engine: Engine,
+) -> None:
+    token = client.post(
+        "/api/v1/auth/login", json={"account": "admin", "password": "test-admin-password"}
+    ).json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    for path in list_routes():
+        response = client.get(path, params={"offset": 2**64}, headers=headers)
+        assert response.status_code == 422, f"{path}: {response.status_code} {response.text}"

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-import pymysql
+from common import recreate_database  # bench/ is on sys.path when run as a script
 from sqlmodel import Session
 
 from keystone_core.db import create_db_engine
@@ -39,15 +39,6 @@ from keystone_core.storage import EmbeddedS3Server, create_s3_client_for_endpoin
 
 DATABASE = "keystone_bench_devices"
 ADMIN_PASSWORD = "bench-admin-password"
-
-
-def recreate_database(host: str, port: int) -> str:
-    conn = pymysql.connect(host=host, port=port, user="root", password="")
-    with conn.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-        cursor.execute(f"CREATE DATABASE {DATABASE} CHARACTER SET utf8mb4")
-    conn.close()
-    return f"mysql+pymysql://root@{host}:{port}/{DATABASE}"
 
 
 def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -98,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     host, port = args.mariadb.split(":")
-    url = recreate_database(host, int(port))
+    url = recreate_database(host, int(port), DATABASE)
     work = Path(tempfile.mkdtemp(prefix="keystone-bench-devices-"))
     s3 = EmbeddedS3Server(data_dir=work / "s3", access_key="BENCHKEY", secret_key="bench-secret")
     s3.start(timeout=60)

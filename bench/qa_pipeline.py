@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pymysql
+from common import recreate_database  # bench/ is on sys.path when run as a script
 from dagster import DagsterInstance, SensorResult, build_sensor_context
 from sqlalchemy import delete, update
 from sqlmodel import Session, col, func, select
@@ -62,15 +62,6 @@ from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 DATABASE = "keystone_bench_qa"
 DAY = dt.date(2026, 11, 20)
-
-
-def recreate_database(host: str, port: int) -> str:
-    conn = pymysql.connect(host=host, port=port, user="root", password="")
-    with conn.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-        cursor.execute(f"CREATE DATABASE {DATABASE} CHARACTER SET utf8mb4")
-    conn.close()
-    return f"mysql+pymysql://root@{host}:{port}/{DATABASE}"
 
 
 def seed(url: str, env: dict[str, str], count: int, work: Path) -> None:
@@ -297,7 +288,7 @@ def run(episodes: int, mariadb: str, work: Path | None = None) -> None:
     s3 = EmbeddedS3Server(data_dir=work / "s3", access_key="BENCHKEY", secret_key="bench-secret")
     s3.start()
     try:
-        url = recreate_database(host, int(port))
+        url = recreate_database(host, int(port), DATABASE)
         upgrade(create_db_engine(load_settings(env="test", database_url=url)), lock_dir=work)
         env = {
             **os.environ,

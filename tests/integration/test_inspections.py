@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,22 +30,10 @@ from keystone_core.models import (
 )
 from keystone_core.security import hash_password, issue_access_token
 from keystone_core.settings import Settings
-from keystone_core.storage import EmbeddedS3Server
-from tests.conftest import make_settings
 from tests.factories import make_episode, make_factory, make_inspector
+from tests.integration.test_rbac_matrix import app_settings  # noqa: F401
 
 V1 = "/api/v1/inspections"
-
-
-@pytest.fixture
-def app_settings(tmp_path: Path, mariadb_migrated: str, s3_server: EmbeddedS3Server) -> Settings:
-    return make_settings(
-        tmp_path,
-        database_url=mariadb_migrated,
-        s3_endpoint_url=s3_server.endpoint_url,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-    )
 
 
 class World:
@@ -110,12 +97,12 @@ class World:
 
 
 @pytest.fixture
-def world(mariadb_engine: Engine, app_settings: Settings) -> World:
+def world(mariadb_engine: Engine, app_settings: Settings) -> World:  # noqa: F811
     return World(mariadb_engine, app_settings)
 
 
 @pytest.fixture
-def client(app_settings: Settings, world: World) -> Iterator[TestClient]:
+def client(app_settings: Settings, world: World) -> Iterator[TestClient]:  # noqa: F811
     with TestClient(create_app(app_settings)) as c:
         yield c
 
@@ -157,7 +144,8 @@ def test_a_claim_hides_the_episode_from_others_until_decided_or_expired(
 
 
 def test_two_inspectors_racing_for_one_episode_exactly_one_wins(
-    app_settings: Settings, world: World
+    app_settings: Settings,  # noqa: F811
+    world: World,
 ) -> None:
     episodes = [world.episode() for _ in range(5)]
     results: dict[str, list[int]] = {"alice": [], "bob": []}

@@ -16,7 +16,7 @@ $(UV):
 # thousands of modules (~5 s per process on a 2-core host).
 bootstrap: $(UV)
 	UV_COMPILE_BYTECODE=1 $(UV) sync --frozen
-	$(UV) run --frozen python -m compileall -q -j 0 keystone_core keystone_api keystone_pipelines keystone_cli
+	$(UV) run --frozen python -m compileall -q -j 0 keystone_core keystone_api keystone_pipelines keystone_cli keystone_receiver
 
 ## make dev: the embedded stack (SQLite, embedded S3, API, Dagster, demo data)
 dev: bootstrap

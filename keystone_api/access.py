@@ -129,6 +129,7 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("GET", f"{V1}/episodes"): QUALITY | {Role.DATA_COLLECTOR},
     ("GET", f"{V1}/episodes/{{id}}"): QUALITY | {Role.DATA_COLLECTOR},
     ("PATCH", f"{V1}/episodes/{{id}}"): QUALITY,
+    ("GET", f"{V1}/episodes/{{id}}/presign"): QUALITY,
     ("GET", f"{V1}/qa/episodes/{{id}}/checks"): QUALITY | {Role.DATA_COLLECTOR},
     ("POST", f"{V1}/qa/episodes/{{id}}/run"): MANAGERS,
     ("GET", f"{V1}/inspections/queue"): INSPECTORS,
@@ -136,6 +137,13 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("POST", f"{V1}/inspections/{{id}}/approve"): INSPECTORS,
     ("POST", f"{V1}/inspections/{{id}}/reject"): INSPECTORS,
     ("GET", f"{V1}/inspections/stats"): QUALITY,
+    # Cloud sync: reads for quality staff, (re)queueing for admins and managers (audited).
+    ("POST", f"{V1}/sync/episodes"): MANAGERS,
+    ("POST", f"{V1}/sync/episodes/{{id}}/resync"): MANAGERS,
+    ("GET", f"{V1}/sync/episodes/summary"): QUALITY,
+    ("GET", f"{V1}/sync/episodes/{{id}}/status"): QUALITY,
+    ("GET", f"{V1}/sync/episodes/{{id}}/logs"): QUALITY,
+    ("GET", f"{V1}/sync/config"): QUALITY,
     # Audit.
     ("GET", f"{V1}/audit"): ADMIN,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,6 +20,7 @@ from keystone_core.services.accounts import token_holder
 from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.settings import Settings
+from keystone_core.storage import create_presign_client
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -156,3 +157,23 @@ def current_principal(
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def get_presigner(request: Request) -> Any:
+    """The client that signs download links (for ``s3_public_endpoint_url``); made once
+    per app on first use — it never connects, so it needs no start-up check."""
+    presigner = getattr(request.app.state, "s3_presign", None)
+    if presigner is None:
+        presigner = create_presign_client(get_app_settings(request))
+        request.app.state.s3_presign = presigner
+    return presigner
+
+
+def get_store_probe(request: Request) -> Any:
+    """The object-store client for quick checks (one attempt, ~3 s at most)."""
+    return request.app.state.s3_probe
+
+
+# boto3 clients are typed ``S3Client`` only under TYPE_CHECKING: ``Any`` here.
+PresignerDep = Annotated[Any, Depends(get_presigner)]
+StoreProbeDep = Annotated[Any, Depends(get_store_probe)]

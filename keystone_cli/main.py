@@ -67,6 +67,38 @@ def api(
     )
 
 
+@app.command("cloud-receiver")
+def cloud_receiver(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8100,
+) -> None:
+    """Serve the reference cloud receiver (docs/sync.md); settings: KEYSTONE_RECEIVER_*."""
+    import uvicorn
+
+    from keystone_receiver.app import create_app, open_backends
+    from keystone_receiver.errors import ReceiverError
+    from keystone_receiver.settings import ReceiverSettingsError, load_receiver_settings
+
+    try:
+        settings = load_receiver_settings()
+        # Fail here with one clear line (no token, database or store down) rather than
+        # inside the server's start-up; the app's own start repeats this cheaply.
+        open_backends(settings).close()
+    except ReceiverSettingsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ReceiverError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
 @app.command()
 def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",

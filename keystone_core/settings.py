@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keystone_core.errors import ConfigurationError
@@ -60,6 +61,23 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     s3_region: str = "us-east-1"
     s3_bucket_prefix: str = Field("edge-", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description=(
+            "The S3 endpoint inspectors' browsers reach, used to sign download and preview "
+            "links; empty means KEYSTONE_S3_ENDPOINT_URL."
+        ),
+    )
+    derived_prefix: str = Field(
+        "_keystone/derived/",
+        description=(
+            "Key prefix of derived artefacts (QA previews) in a factory bucket; it must not "
+            "start with a device prefix `{factory_id}/` (a number)."
+        ),
+    )
+    presign_expires_s: int = Field(
+        300, ge=1, le=3600, description="Lifetime of presigned download and preview links."
+    )
 
     qa_auto_approve_threshold: float = Field(0.90, ge=0.0, le=1.0)
     qa_thorough_band: float = Field(
@@ -90,6 +108,13 @@ class Settings(BaseSettings):
         ),
     )
     qa_time_budget_s: float = Field(600.0, gt=0.0, description="Per episode and tier.")
+    qa_preview: Literal["doubtful", "all", "off"] = Field(
+        "doubtful",
+        description=(
+            "Which scored episodes get preview images (contact sheet, message-rate "
+            "timeline): `doubtful` = needs_inspection and qa_failed, `all`, or `off`."
+        ),
+    )
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
@@ -194,6 +219,98 @@ class Settings(BaseSettings):
     device_heartbeat_s: float = Field(
         5.0, gt=0, le=300, description="How often a worker confirms the sockets it holds."
     )
+
+    # --- cloud sync (docs/sync.md) -------------------------------------------------------
+    sync_target: Literal["s3", "http", "off"] = Field(
+        "s3",
+        description=(
+            "Where approved episodes go: another S3 bucket/endpoint, a cloud receiver over "
+            "HTTP, or nowhere (no sync jobs are queued)."
+        ),
+    )
+    sync_s3_endpoint_url: str | None = Field(
+        None, description="Target S3 endpoint; empty means the edge store's endpoint."
+    )
+    sync_s3_access_key: SecretStr | None = Field(
+        None, description="Target S3 key; empty means the edge store's credentials."
+    )
+    sync_s3_secret_key: SecretStr | None = None
+    sync_s3_region: str = "us-east-1"
+    sync_s3_bucket: str = Field(
+        "keystone-cloud", pattern=r"^[a-z0-9][a-z0-9.-]{1,62}$", description="Target bucket."
+    )
+    sync_s3_prefix: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63}/){0,4}$",
+        description="Key prefix in the target bucket (empty or ending in '/').",
+    )
+    sync_http_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="Cloud receiver base URL (target http), e.g. https://cloud.example.com.",
+    )
+    sync_http_token: SecretStr | None = Field(
+        None, description="Bearer token the cloud receiver expects."
+    )
+    sync_http_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="One request to the receiver or one part upload."
+    )
+    sync_part_size_mib: int = Field(
+        16, ge=5, le=512, description="Multipart part size; objects up to this go in one PUT."
+    )
+    sync_part_workers: int = Field(
+        4, ge=1, le=32, description="Parts of one object uploaded in parallel."
+    )
+    sync_workers: int = Field(2, ge=1, le=32, description="Episodes pushed in parallel per run.")
+    sync_batch_max: int = Field(50, ge=1, le=10_000, description="Jobs one sync run claims.")
+    sync_max_attempts: int = Field(
+        8, ge=1, le=100, description="Attempts before a sync job is failed (and alerted)."
+    )
+    sync_backoff_base_s: float = Field(
+        2.0, gt=0, le=30, description="First retry delay; doubles per attempt, capped at 30 s."
+    )
+    sync_lease_minutes: int = Field(
+        30, ge=1, le=24 * 60, description="A sync claim older than this is recovered."
+    )
+    sync_include_qa_report: bool = Field(
+        True, description="Also upload the episode's QA report (qa_report.json)."
+    )
+    edge_retention_days: int | None = Field(
+        None,
+        ge=0,
+        le=3650,
+        description=(
+            "Expire edge objects this many days after a verified sync; empty (default) keeps "
+            "them forever."
+        ),
+    )
+
+    @field_validator("s3_public_endpoint_url")
+    @classmethod
+    def _public_endpoint_is_a_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("derived_prefix")
+    @classmethod
+    def _derived_prefix_is_apart_from_device_keys(cls, value: str) -> str:
+        segments = value.split("/")[:-1]
+        if (
+            not value.endswith("/")
+            or len(value) > 200
+            or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", s) for s in segments)
+            or any(s in {".", ".."} for s in segments)
+        ):
+            raise ValueError(
+                "must be path segments of letters, digits, '_', '.', '-', each ending in '/' "
+                "(e.g. _keystone/derived/)"
+            )
+        if segments[0].isdigit():
+            raise ValueError("must not start with a number: devices write under {factory_id}/")
+        return value
 
     @model_validator(mode="after")
     def _refuse_default_secrets_in_production(self) -> Settings:

@@ -12,11 +12,18 @@ from keystone_pipelines.defs.maintenance import (
 )
 from keystone_pipelines.defs.orphans import orphan_upload_sensor, repair_orphan_uploads
 from keystone_pipelines.defs.qa import episode_qa, pending_qa_sensor, qa_batch, qa_rerun
+from keystone_pipelines.defs.sync import (
+    cloud_sync,
+    due_sync_sensor,
+    resync,
+    sync_batch,
+    sync_safety_schedule,
+)
 from keystone_pipelines.defs.uploads import pending_verification_sensor, verify_uploads
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 defs = Definitions(
-    assets=[episode_qa],
+    assets=[episode_qa, cloud_sync],
     jobs=[
         release_expired_leases,
         prune_device_feed,
@@ -24,9 +31,20 @@ defs = Definitions(
         qa_batch,
         qa_rerun,
         repair_orphan_uploads,
+        sync_batch,
+        resync,
     ],
-    sensors=[pending_verification_sensor, pending_qa_sensor, orphan_upload_sensor],
-    schedules=[release_expired_leases_schedule, prune_device_feed_schedule],
+    sensors=[
+        pending_verification_sensor,
+        pending_qa_sensor,
+        orphan_upload_sensor,
+        due_sync_sensor,
+    ],
+    schedules=[
+        release_expired_leases_schedule,
+        prune_device_feed_schedule,
+        sync_safety_schedule,
+    ],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
     # Every job here is one op (or one asset) that parallelises inside itself; a process
     # per step would only add a second interpreter start (~6 s of imports) to each run.

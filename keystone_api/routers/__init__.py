@@ -19,6 +19,7 @@ from keystone_api.routers import (
     recorder,
     robots,
     stations,
+    sync,
     transfer,
 )
 
@@ -36,6 +37,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     episodes.router,
     qa.router,
     inspections.router,
+    sync.router,
     devices.router,
     callbacks.router,
     recorder.router,

@@ -1,4 +1,5 @@
-"""Episodes: list with filters, detail, and edits of their descriptive metadata only."""
+"""Episodes: list with filters, detail, edits of their descriptive metadata only, and
+short-lived download links to their objects (MCAP, sidecar, QA previews)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ from sqlalchemy import ColumnElement
 from sqlmodel import Session, col
 
 from keystone_api.crud import ERRORS, MAX_OFFSET, NOT_FOUND
-from keystone_api.deps import CurrentPrincipal, SessionDep
+from keystone_api.deps import (
+    CurrentPrincipal,
+    PresignerDep,
+    SessionDep,
+    SettingsDep,
+    StoreProbeDep,
+)
+from keystone_api.errors import ErrorBody
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.errors import ValidationFailed
 from keystone_core.models import Episode, EpisodeStatus
-from keystone_core.services import crud
+from keystone_core.services import crud, episode_links
 from keystone_core.services import production as svc
+from keystone_core.services.episode_links import LinkKind
 from keystone_core.services.production import EPISODES
 
 router = APIRouter(prefix="/api/v1", tags=["episodes"])
@@ -237,3 +246,59 @@ def patch_episode(
     changes = body.model_dump(exclude_unset=True)
     episode = crud.update_row(session, EPISODES, principal.scope, principal.actor, id, changes)
     return _episodes_public(session, [episode])[0]
+
+
+class EpisodeLink(BaseModel):
+    episode_id: IdStr
+    kind: LinkKind
+    url: str = Field(description="Presigned GET URL of the object (`url`, as in the Go API).")
+    expires_at: dt.datetime
+    expires_in: int = Field(description="Seconds the URL stays valid.")
+    bucket: str
+    key: str
+
+
+@router.get(
+    "/episodes/{id}/presign",
+    response_model=EpisodeLink,
+    responses={
+        **ERRORS,
+        404: {
+            "model": ErrorBody,
+            "description": "no such episode in the caller's factories (`not_found`), or it "
+            "has no such object — no sidecar, no preview yet, expired (`not_available`)",
+        },
+        503: {"model": ErrorBody, "description": "the object store cannot be reached"},
+    },
+    summary="A short-lived download link to the episode's MCAP, sidecar or a QA preview",
+)
+def presign_episode_object(
+    id: RowId,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
+    presigner: PresignerDep,
+    store: StoreProbeDep,
+    kind: Annotated[
+        LinkKind,
+        Query(description="mcap | sidecar | contact_sheet | rate_timeline (QA previews)."),
+    ] = "mcap",
+) -> EpisodeLink:
+    found = episode_links.link(
+        session,
+        principal.scope,
+        id,
+        kind,
+        settings=settings,
+        s3=store,
+        presigner=presigner,
+    )
+    return EpisodeLink(
+        episode_id=id,
+        kind=kind,
+        url=found.url,
+        expires_at=found.expires_at,
+        expires_in=found.expires_in,
+        bucket=found.bucket,
+        key=found.key,
+    )

@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND
-from keystone_api.deps import CurrentPrincipal, SessionDep
+from keystone_api.deps import CurrentPrincipal, PresignerDep, SessionDep, SettingsDep
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core import clock
 from keystone_core.models import EpisodeStatus, InspectionDecision
-from keystone_core.services import crud
+from keystone_core.services import crud, episode_links
 from keystone_core.services import inspections as svc
+from keystone_core.services.sync import target_of as sync_target_of
+from keystone_core.settings import Settings
 
 router = APIRouter(prefix="/api/v1/inspections", tags=["inspections"])
 
@@ -24,6 +26,21 @@ Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whites
 class FailingCheck(BaseModel):
     name: str | None
     reason: str | None
+
+
+class QueuePreview(BaseModel):
+    """Presigned links to the QA previews; null until QA has generated them."""
+
+    contact_sheet_url: str | None
+    rate_timeline_url: str | None
+    generated_at: str | None
+
+
+class QueueDownload(BaseModel):
+    """Presigned links to the episode's objects (sidecar: null when it has none)."""
+
+    mcap_url: str | None
+    sidecar_url: str | None
 
 
 class QueueItem(BaseModel):
@@ -37,6 +54,9 @@ class QueueItem(BaseModel):
     claimed_by: IdStr | None = Field(description="Your own live claim, if any.")
     claim_expires_at: dt.datetime | None
     checks_url: str
+    preview: QueuePreview
+    download: QueueDownload
+    links_expire_at: dt.datetime = Field(description="When the presigned URLs stop working.")
 
 
 class ClaimOut(BaseModel):
@@ -89,6 +109,8 @@ class StatsOut(BaseModel):
 def inspection_queue(
     principal: CurrentPrincipal,
     session: SessionDep,
+    settings: SettingsDep,
+    presigner: PresignerDep,
     limit: Annotated[int, Query(ge=1, description="Page size; values above 100 give 100.")] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page[QueueItem]:
@@ -101,6 +123,10 @@ def inspection_queue(
     for entry in entries:
         episode = entry.episode
         assert episode.id is not None
+        # Signed locally: no query and no request per row.
+        urls, expire_at = episode_links.links(settings, presigner, episode)
+        preview = (episode.meta or {}).get("preview")
+        generated = preview.get("generated_at") if isinstance(preview, dict) else None
         items.append(
             QueueItem(
                 episode_id=episode.id,
@@ -113,6 +139,13 @@ def inspection_queue(
                 claimed_by=entry.claimed_by,
                 claim_expires_at=entry.claim_expires_at,
                 checks_url=f"/api/v1/qa/episodes/{episode.id}/checks",
+                preview=QueuePreview(
+                    contact_sheet_url=urls["contact_sheet"],
+                    rate_timeline_url=urls["rate_timeline"],
+                    generated_at=str(generated) if generated else None,
+                ),
+                download=QueueDownload(mcap_url=urls["mcap"], sidecar_url=urls["sidecar"]),
+                links_expire_at=expire_at,
             )
         )
     return Page[QueueItem](items=items, total=total, limit=limit, offset=offset)
@@ -149,6 +182,7 @@ def _decide(
     session: SessionDep,
     decision: InspectionDecision,
     body: ApproveIn,
+    settings: Settings,
 ) -> DecisionOut:
     done = svc.decide(
         session,
@@ -160,6 +194,7 @@ def _decide(
         decision=decision,
         reason=body.reason,
         failed_tags=list(body.failed_tags),
+        sync_target=sync_target_of(settings),
     )
     assert done.decided_at is not None
     approved = decision == InspectionDecision.APPROVED
@@ -180,9 +215,13 @@ def _decide(
     summary="Approve an episode (needs_inspection → inspector_approved)",
 )
 def approve_episode(
-    id: RowId, body: ApproveIn, principal: CurrentPrincipal, session: SessionDep
+    id: RowId,
+    body: ApproveIn,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> DecisionOut:
-    return _decide(id, principal, session, InspectionDecision.APPROVED, body)
+    return _decide(id, principal, session, InspectionDecision.APPROVED, body, settings)
 
 
 @router.post(
@@ -192,9 +231,13 @@ def approve_episode(
     summary="Reject an episode with a reason (needs_inspection → rejected)",
 )
 def reject_episode(
-    id: RowId, body: RejectIn, principal: CurrentPrincipal, session: SessionDep
+    id: RowId,
+    body: RejectIn,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> DecisionOut:
-    return _decide(id, principal, session, InspectionDecision.REJECTED, body)
+    return _decide(id, principal, session, InspectionDecision.REJECTED, body, settings)
 
 
 @router.get(

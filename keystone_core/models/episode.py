@@ -59,6 +59,8 @@ class Episode(Timestamped, table=True):
     qa_attempts: int = Field(default=0, ge=0)
     qa_not_before: dt.datetime | None = utc_field()
     approved_at: dt.datetime | None = utc_field()
+    # Edge retention: when the device objects were expired after a verified sync.
+    edge_expired_at: dt.datetime | None = utc_field()
     labels: list[str] = Field(default_factory=list, sa_type=JSON)
     quality_flag: str = Field(default="", max_length=1024)
     meta: dict[str, Any] = metadata_field()

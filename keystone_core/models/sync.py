@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
-from sqlalchemy import Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Index, UniqueConstraint
 from sqlmodel import Field
 
 from keystone_core.models.base import Timestamped, enum_field, fk_field, id_field, utc_field
@@ -29,7 +30,12 @@ class SyncJob(Timestamped, table=True):
     lease_owner: str | None = Field(default=None, max_length=128)
     lease_expires_at: dt.datetime | None = utc_field(index=True)
     remote_session: str | None = Field(default=None, max_length=255)
+    # Where the copy lives (s3://bucket/prefix… or the receiver's URL) and how much was sent.
+    destination: str = Field(default="", max_length=1024)
+    bytes_transferred: int = Field(default=0, ge=0, sa_type=BigInteger)
     synced_at: dt.datetime | None = utc_field()
+    # Resumable multipart state of the s3 target: {object name: {"upload_id", "key"}}.
+    progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
 
 
 class SyncAttempt(Timestamped, table=True):
@@ -43,3 +49,5 @@ class SyncAttempt(Timestamped, table=True):
     outcome: str = Field(default="", max_length=32)
     http_status: int | None = None
     error: str = Field(default="", max_length=2048)
+    bytes_transferred: int = Field(default=0, ge=0, sa_type=BigInteger)
+    run_id: str | None = Field(default=None, max_length=64)

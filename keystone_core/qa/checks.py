@@ -177,6 +177,53 @@ def check_duration(inventory: Inventory, expect: Expectations, config: QAConfig)
     return Check("duration", True, span, threshold, f"{span:.2f} s is within the task's limits")
 
 
+def _gap_limit(diffs: np.ndarray, config: QAConfig) -> float:
+    """Seconds a topic may be silent: max(max_gap_s, gap_factor x its median period)."""
+    period = float(np.median(diffs))
+    return max(config.max_gap_s, config.gap_factor * _seconds(int(period)))
+
+
+@dataclass(frozen=True)
+class Silence:
+    """A span in which one topic had no message for longer than it may (log times, ns)."""
+
+    channel_id: int
+    topic: str
+    start_ns: int
+    end_ns: int
+    allowed_s: float
+
+    @property
+    def seconds(self) -> float:
+        return _seconds(self.end_ns - self.start_ns)
+
+
+def silences(inventory: Inventory, config: QAConfig) -> list[Silence]:
+    """Every span ``check_message_gaps`` holds against a topic (it reports the longest per
+    topic): silences between messages, and before the first / after the last message
+    relative to the whole recording. Topics with fewer than 2 messages have no rate."""
+    if inventory.start_ns is None or inventory.end_ns is None:
+        return []
+    out: list[Silence] = []
+    for cid, raw in sorted(inventory.times.items()):
+        times = np.frombuffer(raw, dtype=np.int64)
+        if len(times) < 2:
+            continue
+        info = inventory.channels.get(cid)
+        topic = info.topic if info else f"channel {cid}"
+        diffs = np.diff(times)
+        limit = _gap_limit(diffs, config)
+        spans = [(inventory.start_ns, int(times[0]))]
+        spans += [(int(times[i]), int(times[i + 1])) for i in np.flatnonzero(diffs / 1e9 > limit)]
+        spans.append((int(times[-1]), inventory.end_ns))
+        out.extend(
+            Silence(cid, topic, start, end, round(limit, 3))
+            for start, end in spans
+            if _seconds(end - start) > limit
+        )
+    return out
+
+
 def check_message_gaps(inventory: Inventory, config: QAConfig) -> Check:
     """The longest silence of each topic, including before its first and after its last
     message (relative to the whole recording), against the topic's own rate."""
@@ -192,8 +239,7 @@ def check_message_gaps(inventory: Inventory, config: QAConfig) -> Check:
         if len(times) < 2:
             continue
         diffs = np.diff(times)
-        period = float(np.median(diffs))
-        limit = max(config.max_gap_s, config.gap_factor * _seconds(int(period)))
+        limit = _gap_limit(diffs, config)
         widest = int(np.argmax(diffs))
         inner = int(diffs[widest])
         edges = [int(times[0]) - inventory.start_ns, inventory.end_ns - int(times[-1])]

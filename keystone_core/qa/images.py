@@ -8,13 +8,18 @@ anything else with Pillow's ``load()`` (``verify()`` never decodes pixel data).
 JPEGs are decoded at 1/8 scale: the entropy stream, where damage shows, is still decoded
 in full, while the inverse DCT — most of the cost — shrinks 64x.
 ``sensor_msgs/msg/Image`` (raw) frames are checked for a data length of height x step.
+
+``frame_thumbnail`` draws a frame small for the QA previews: JPEGs are decoded at the
+smallest DCT scale that still covers the tile, raw frames are strided down before any copy.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 
+import numpy as np
 import simplejpeg
 from PIL import Image
 
@@ -107,3 +112,108 @@ def check_frame(kind: str, payload: bytes) -> str | None:
     except Exception as exc:  # every decoder error means "this frame is damaged"
         return f"{fmt or 'image'} frame does not decode: {exc}"[:300]
     return None
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A frame drawn small. ``problem`` says why it is not a clean frame; a damaged JPEG
+    still has an ``image`` when a lenient decode could draw it (what the damage looks like)."""
+
+    image: Image.Image | None
+    problem: str | None = None
+
+
+# Raw encodings drawn: (numpy dtype, channels, PIL mode of the result, channel order).
+_RAW = {
+    "rgb8": ("u1", 3, "RGB", None),
+    "bgr8": ("u1", 3, "RGB", [2, 1, 0]),
+    "8uc3": ("u1", 3, "RGB", [2, 1, 0]),
+    "rgba8": ("u1", 4, "RGB", [0, 1, 2]),
+    "bgra8": ("u1", 4, "RGB", [2, 1, 0]),
+    "mono8": ("u1", 1, "L", None),
+    "8uc1": ("u1", 1, "L", None),
+    "mono16": ("u2", 1, "L", None),
+    "16uc1": ("u2", 1, "L", None),
+}
+
+
+def frame_thumbnail(kind: str, payload: bytes, width: int, height: int) -> Thumbnail:
+    """The frame of an image message fitted into ``width`` x ``height`` (RGB or L)."""
+    try:
+        cdr = _Cdr(payload)
+        cdr.header()
+        if kind == RAW:
+            return _raw_thumbnail(cdr, width, height)
+        fmt = cdr.text().lower()
+        data = bytes(cdr.blob())
+    except ValueError as exc:
+        return Thumbnail(None, f"not a well-formed image message: {exc}")
+    if not data:
+        return Thumbnail(None, "empty frame (0 bytes of image data)")
+    if "jpeg" in fmt or "jpg" in fmt or data[:2] == b"\xff\xd8":
+        return _jpeg_thumbnail(data, width, height)
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.draft("RGB", (width, height))
+            picture.load()
+            image = picture.convert("RGB")
+    except Exception as exc:  # any decoder error: the frame is damaged
+        return Thumbnail(None, f"{fmt or 'image'} frame does not decode: {exc}"[:300])
+    image.thumbnail((width, height))
+    return Thumbnail(image)
+
+
+def _jpeg_thumbnail(data: bytes, width: int, height: int) -> Thumbnail:
+    problem = None
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", strict=True, min_width=width, min_height=height
+        )
+    except Exception as exc:  # damaged: draw what a lenient decoder makes of it
+        problem = f"jpeg frame does not decode: {exc}"[:300]
+        try:
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", strict=False, min_width=width, min_height=height
+            )
+        except Exception:  # nothing to draw
+            return Thumbnail(None, problem)
+    image = Image.fromarray(pixels)
+    image.thumbnail((width, height))
+    return Thumbnail(image, problem)
+
+
+def _raw_thumbnail(cdr: _Cdr, width: int, height: int) -> Thumbnail:
+    rows, columns = cdr.u32(), cdr.u32()
+    encoding = cdr.text().lower()
+    big_endian = cdr.u8() != 0
+    step = cdr.u32()
+    data = cdr.blob()
+    if not data or not rows or not columns:
+        return Thumbnail(None, "empty frame (0 bytes of image data)")
+    if step < columns or len(data) != rows * step:
+        return Thumbnail(None, f"raw frame has {len(data)} bytes, expected {rows}x{step}")
+    layout = _RAW.get(encoding)
+    if layout is None:
+        return Thumbnail(None, f"raw encoding {encoding!r} is not drawn")
+    dtype, channels, mode, order = layout
+    item = np.dtype(dtype).newbyteorder(">" if big_endian else "<")
+    if step < columns * channels * item.itemsize:
+        return Thumbnail(None, f"raw {encoding} frame: step {step} is under its row size")
+    # Stride down to about the tile before anything is copied.
+    stride = max(1, min(rows // height, columns // width))
+    plane = np.frombuffer(data, dtype=np.uint8).reshape(rows, step)[::stride]
+    pixels = (
+        plane[:, : columns * channels * item.itemsize]
+        .copy()
+        .view(item)
+        .reshape(len(plane), columns, channels)[:, ::stride]
+    )
+    if item.itemsize == 2:  # 16-bit depth or mono: scale to its own range
+        values = pixels.astype(np.float32)
+        top = float(values.max()) or 1.0
+        pixels = (values * (255.0 / top)).astype(np.uint8)
+    if order is not None:
+        pixels = pixels[:, :, order]
+    image = Image.fromarray(np.ascontiguousarray(pixels[:, :, 0] if mode == "L" else pixels))
+    image.thumbnail((width, height))
+    return Thumbnail(image)

@@ -88,6 +88,9 @@ class ChunkRef:
     # From the chunk index (fast tier): where its MessageIndex records are.
     index_length: int = 0
     uncompressed_size: int | None = None
+    # Log times of its first and last message (chunk index or chunk header), when known.
+    start_ns: int | None = None
+    end_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +377,7 @@ def _read_metadata(
 
 def _chunk_index(body: memoryview) -> ChunkRef:
     """A ChunkIndex record, parsed directly (thousands per file: no per-field objects)."""
-    _start, _end, offset, length, map_length = struct.unpack_from("<QQQQI", body, 0)
+    start, end, offset, length, map_length = struct.unpack_from("<QQQQI", body, 0)
     position = 36 + map_length
     if map_length % 10 or position + 12 > len(body):
         raise ValueError("malformed chunk index record")
@@ -385,7 +388,7 @@ def _chunk_index(body: memoryview) -> ChunkRef:
     if position + 16 > len(body):
         raise ValueError("malformed chunk index record")
     _compressed, uncompressed = struct.unpack_from("<QQ", body, position)
-    return ChunkRef(offset, length, channels, index_length, uncompressed)
+    return ChunkRef(offset, length, channels, index_length, uncompressed, start, end)
 
 
 def _read_indexes(source: Source, limits: Limits, inventory: Inventory, clock: _Clock) -> None:
@@ -451,6 +454,27 @@ def _chunk_records(
     if validate_crc and crc and zlib.crc32(raw) != crc:
         problem = "chunk CRC mismatch"
     return memoryview(raw), problem
+
+
+def _chunk_times(ref: ChunkRef, body: bytes) -> None:
+    """The first and last log time a Chunk record's header states."""
+    if len(body) >= 16:
+        ref.start_ns, ref.end_ns = struct.unpack_from("<QQ", body, 0)
+
+
+def chunk_messages(
+    record: bytes | memoryview, limits: Limits
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(channel, log_time, payload) of every message in one whole Chunk record (as read
+    from ``ChunkRef.offset``, ``ChunkRef.length`` bytes); ValueError when it does not open.
+    Its CRC is not checked (the thorough tier does that)."""
+    view = memoryview(record)
+    if len(view) < 9 or view[0] != OP_CHUNK:
+        raise ValueError("not a chunk record")
+    raw, _ = _chunk_records(view[9:], limits, validate_crc=False)
+    for opcode, channel_id, log_time, payload in _messages(raw):
+        if opcode == OP_MESSAGE:
+            yield channel_id, log_time, payload
 
 
 def _messages(raw: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
@@ -640,10 +664,12 @@ def _scan(
             if not full:
                 # Kept only until its index shows whether it defines unknown channels.
                 chunk_body = reader.read(length)
+                _chunk_times(ref, chunk_body)
                 uncompressed = struct.unpack_from("<Q", chunk_body, 16)[0] if length >= 24 else 0
                 pending_chunk = (ref, chunk_body, int(uncompressed))
                 continue
             body_bytes = reader.read(length)
+            _chunk_times(ref, body_bytes)
             try:
                 raw, crc_problem = _chunk_records(memoryview(body_bytes), limits, validate_crc=True)
             except Exception as exc:  # a chunk that does not open is a finding, not a crash

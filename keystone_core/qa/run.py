@@ -48,6 +48,8 @@ class Report:
     stats: dict[str, Any] = field(default_factory=dict)
     # When the thorough tier ran because the fast one was borderline: the fast report.
     escalated_from: Report | None = None
+    # What was read, when asked for (``keep_inventory``): the previews draw from it.
+    inventory: Inventory | None = field(default=None, repr=False, compare=False)
 
     @property
     def unreadable(self) -> bool:
@@ -102,8 +104,10 @@ def assess(
     limits: Limits | None = None,
     *,
     with_sidecar: bool = True,
+    keep_inventory: bool = False,
 ) -> Report:
-    """Score one episode (see the module docstring)."""
+    """Score one episode (see the module docstring). ``keep_inventory``: the report keeps
+    what the deciding tier read (``Report.inventory``; None when the file was unreadable)."""
     if tier not in (FAST, THOROUGH, AUTO):
         raise ValueError(f"unknown tier {tier!r}")
     config = config or QAConfig()
@@ -111,10 +115,13 @@ def assess(
     expect = expect or Expectations()
     if with_sidecar:
         expect = load_sidecar(source, expect)
-    fast = _run(source, expect, config, limits, THOROUGH if tier == THOROUGH else FAST)
+    fast = _run(
+        source, expect, config, limits, THOROUGH if tier == THOROUGH else FAST, keep_inventory
+    )
     if tier != AUTO or fast.unreadable or not _borderline(fast, config):
         return fast
-    thorough = _run(source, expect, config, limits, THOROUGH)
+    fast.inventory = None
+    thorough = _run(source, expect, config, limits, THOROUGH, keep_inventory)
     thorough.escalated_from = fast
     return thorough
 
@@ -127,7 +134,12 @@ def _borderline(report: Report, config: QAConfig) -> bool:
 
 
 def _run(
-    source: Source, expect: Expectations, config: QAConfig, limits: Limits, tier: str
+    source: Source,
+    expect: Expectations,
+    config: QAConfig,
+    limits: Limits,
+    tier: str,
+    keep_inventory: bool = False,
 ) -> Report:
     started = time.monotonic()
     read_before, requests_before = source.bytes_read, source.requests
@@ -162,7 +174,14 @@ def _run(
             frames_decoded=len(inventory.frames),
         )
     return Report(
-        source.name, tier, outcome.score, outcome.verdict, outcome.hard_failure, checks, stats
+        source.name,
+        tier,
+        outcome.score,
+        outcome.verdict,
+        outcome.hard_failure,
+        checks,
+        stats,
+        inventory=inventory if keep_inventory else None,
     )
 
 

@@ -20,7 +20,14 @@ from sqlmodel import Session, col, func, select
 
 from keystone_core import clock
 from keystone_core.errors import ConflictError, NotFoundError
-from keystone_core.models import Episode, EpisodeStatus, Inspection, InspectionDecision, QAResult
+from keystone_core.models import (
+    Episode,
+    EpisodeStatus,
+    Inspection,
+    InspectionDecision,
+    QAResult,
+    SyncTarget,
+)
 from keystone_core.services.audit import Actor, record_audit
 from keystone_core.services.production import record_approval
 from keystone_core.services.scope import Scope
@@ -202,6 +209,7 @@ def decide(
     decision: InspectionDecision,
     reason: str,
     failed_tags: list[str],
+    sync_target: SyncTarget | None,
 ) -> Inspection:
     """Approve or reject. Without a claim of the caller's own, the decision claims and
     closes in one step — unless another inspector holds a live claim (409 ``claimed``)."""
@@ -222,7 +230,7 @@ def decide(
         values={"approved_at": now} if approved else None,
     )
     if approved:
-        record_approval(session, episode_id)
+        record_approval(session, episode_id, sync_target=sync_target)
     record_audit(
         session,
         actor,

@@ -25,6 +25,7 @@ from keystone_core.models import (
     Role,
     Scene,
     Subscene,
+    SyncTarget,
     Task,
     TaskStatus,
     Workstation,
@@ -39,6 +40,7 @@ from keystone_core.services.crud import (
     update_row,
 )
 from keystone_core.services.scope import Scope
+from keystone_core.services.sync import enqueue as enqueue_sync
 from keystone_core.states import (
     TASK,
     transition_batch,
@@ -799,16 +801,19 @@ def record_verified_upload(session: Session, episode_id: int) -> None:
     _expire(session, Batch, batch_id)
 
 
-def record_approval(session: Session, episode_id: int) -> bool:
-    """Count an approved episode on its order and complete the order at its target.
+def record_approval(session: Session, episode_id: int, *, sync_target: SyncTarget | None) -> bool:
+    """Count an approved episode on its order, complete the order at its target and queue
+    the episode's cloud sync (``sync_target`` None: sync is off).
 
     Call it once, in the transaction that moved the episode into ``auto_approved`` or
-    ``inspector_approved`` (that conditional transition is what makes it happen once).
+    ``inspector_approved`` (that conditional transition is what makes it happen once), so
+    the sync job commits with the approval — there is no approved episode without a job.
     Any other status (rejected, failed, pending) is not counted: returns False.
     """
     status, order_id, _batch_id = _episode_parents(session, episode_id)
     if status not in APPROVED:
         return False
+    enqueue_sync(session, episode_id, sync_target)
     # The UPDATE takes the order row lock, which complete_order_if_done relies on.
     session.execute(
         update(Order)

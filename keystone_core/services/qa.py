@@ -32,14 +32,17 @@ from keystone_core.models import (
     QATier,
     Robot,
     RobotType,
+    SyncTarget,
     Task,
 )
 from keystone_core.qa.checks import Check, Expectations, QAConfig
 from keystone_core.qa.inventory import Limits
 from keystone_core.qa.run import AUTO, THOROUGH, Report, assess
 from keystone_core.qa.source import S3Source, SourceError
+from keystone_core.services import previews
 from keystone_core.services.audit import Actor
 from keystone_core.services.production import APPROVED, record_approval
+from keystone_core.services.sync import target_of as sync_target_of
 from keystone_core.settings import Settings
 from keystone_core.states import transition_episode
 
@@ -203,9 +206,13 @@ def record(
     owner: str,
     run_id: str | None = None,
     started_at: dt.datetime | None = None,
+    sync_target: SyncTarget | None,
+    preview: dict[str, Any] | None = None,
 ) -> bool:
-    """Store a result and move the episode to its verdict. False when the lease was lost
-    (the result is discarded: a newer run owns the episode)."""
+    """Store a result and move the episode to its verdict (an approval queues its cloud
+    sync to ``sync_target`` in the same transaction). False when the lease was lost (the
+    result is discarded: a newer run owns the episode). ``preview``: what
+    ``publish_previews`` stored, kept as ``episode.meta["preview"]``."""
     episode = _holds(session, episode_id, owner)
     if episode is None:
         return False
@@ -235,11 +242,13 @@ def record(
     }
     if verdict == EpisodeStatus.AUTO_APPROVED:
         values["approved_at"] = now
+    if preview is not None:  # the column of ``Episode.meta`` is named "metadata"
+        values["metadata"] = {**(episode.meta or {}), "preview": preview}
     transition_episode(
         session, episode_id, verdict, expected={EpisodeStatus.QA_RUNNING}, values=values
     )
     if verdict == EpisodeStatus.AUTO_APPROVED:
-        record_approval(session, episode_id)
+        record_approval(session, episode_id, sync_target=sync_target)
     return True
 
 
@@ -394,12 +403,37 @@ def episodes_for_partition(
 # --- scoring a claimed batch -----------------------------------------------------------------
 
 
-def score_job(job: QAJob, s3: S3Client, settings: Settings) -> Report:
+def score_job(
+    job: QAJob, s3: S3Client, settings: Settings, *, keep_inventory: bool = False
+) -> Report:
     """Score one claimed episode from the object store (ranged reads; its sidecar too).
     Raises ``SourceError`` when the object cannot be fetched at all."""
     source = S3Source(s3, job.bucket, job.key, job.size)
     limits = Limits(seconds=settings.qa_time_budget_s)
-    return assess(source, job.expectations, job.config, tier=job.tier, limits=limits)
+    return assess(
+        source,
+        job.expectations,
+        job.config,
+        tier=job.tier,
+        limits=limits,
+        keep_inventory=keep_inventory,
+    )
+
+
+def preview_job(job: QAJob, report: Report, s3: S3Client, settings: Settings) -> dict[str, Any]:
+    """Draw and store the previews of a scored episode (``score_job(keep_inventory=True)``);
+    never raises (see ``keystone_core.services.previews``)."""
+    return previews.publish_previews(
+        s3,
+        settings,
+        factory_id=job.factory_id,
+        episode_id=job.episode_id,
+        bucket=job.bucket,
+        key=job.key,
+        report=report,
+        expectations=job.expectations,
+        config=job.config,
+    )
 
 
 @dataclass
@@ -446,15 +480,21 @@ def score_batch(
     outcome = BatchOutcome(claimed=len(jobs))
     started = time.monotonic()
 
-    def work(job: QAJob) -> tuple[QAJob, Report | None, str, dt.datetime]:
+    def work(job: QAJob) -> tuple[QAJob, Report | None, str, dt.datetime, dict[str, Any] | None]:
         begun = clock.now()
         try:
-            return job, score_job(job, s3, settings), "", begun
+            report = score_job(job, s3, settings, keep_inventory=previews.wanted(settings))
         except SourceError as exc:
-            return job, None, str(exc), begun
+            return job, None, str(exc), begun, None
+        # After the verdict, before any transaction: previews for the doubtful ones.
+        preview = None
+        if previews.wanted(settings, report.verdict):
+            preview = preview_job(job, report, s3, settings)
+        report.inventory = None  # the batch keeps results, not what was read
+        return job, report, "", begun, preview
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for job, report, error, begun in pool.map(work, jobs):
+        for job, report, error, begun, preview in pool.map(work, jobs):
             with session_scope() as session:
                 if report is None:
                     result = record_unreadable_object(
@@ -474,7 +514,14 @@ def score_batch(
                     }
                 else:
                     if not record(
-                        session, job.id, report, owner=owner, run_id=run_id, started_at=begun
+                        session,
+                        job.id,
+                        report,
+                        owner=owner,
+                        run_id=run_id,
+                        started_at=begun,
+                        sync_target=sync_target_of(settings),
+                        preview=preview,
                     ):
                         outcome.lost_lease += 1
                         continue
@@ -489,6 +536,8 @@ def score_batch(
                         "failing": [c.name for c in failing],
                         "reason": failing[0].reason[:200] if failing else "",
                     }
+                    if preview is not None:
+                        row["preview"] = {"bucket": job.bucket, **preview}
             if verdict not in ("retry", "lost_lease"):
                 outcome.verdicts[verdict] = outcome.verdicts.get(verdict, 0) + 1
             outcome.rows.append(row)

@@ -7,6 +7,7 @@ are the same for the API, Dagster and the CLI.
 
 from keystone_core.storage.client import (
     check_object_store,
+    create_presign_client,
     create_s3_client,
     create_s3_client_for_endpoint,
     ensure_bucket,
@@ -23,6 +24,7 @@ __all__ = [
     "EmbeddedS3Server",
     "WeedPorts",
     "check_object_store",
+    "create_presign_client",
     "create_s3_client",
     "create_s3_client_for_endpoint",
     "ensure_bucket",

@@ -95,6 +95,18 @@ def create_s3_client(settings: Settings, *, health: bool = False) -> S3Client:
     )
 
 
+def create_presign_client(settings: Settings) -> S3Client:
+    """A client that signs links for browsers: for ``s3_public_endpoint_url`` when the
+    store is reached at another address from outside (a reverse proxy, a public name),
+    else for the store's own endpoint. Presigning is local: this client never connects."""
+    return create_s3_client_for_endpoint(
+        settings.s3_public_endpoint_url or settings.s3_endpoint_url,
+        access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
+        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+        region=settings.s3_region,
+    )
+
+
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 

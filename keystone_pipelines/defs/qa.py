@@ -7,7 +7,8 @@
   lease), because a queued run can wait longer than any lease a sensor could take; it
   scores them ``KEYSTONE_QA_WORKERS`` at a time and records each result through
   ``keystone_core.services.qa``. Its run metadata lists every episode with score, verdict
-  and failing checks, and it logs a materialization of the ``episode_qa`` partition
+  and failing checks, links the QA previews of the doubtful ones (presigned for an hour;
+  the keys stay readable), and it logs a materialization of the ``episode_qa`` partition
   (day x factory) each episode belongs to.
 * ``episode_qa`` is the daily x factory partitioned asset: materializing a partition (or
   backfilling a range from the UI) requeues that factory's episodes of that day and scores
@@ -54,7 +55,10 @@ from sqlmodel import col, select
 from keystone_core.models import Factory
 from keystone_core.services import qa as qa_service
 from keystone_core.services.audit import Actor
+from keystone_core.services.episode_links import presign_get
 from keystone_core.services.episodes import release_expired_qa_leases
+from keystone_core.settings import Settings
+from keystone_core.storage import create_presign_client
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "qa", "keystone/kind": "qa"}
@@ -83,7 +87,44 @@ def batch_size(backlog: int, low: int, high: int, runs: int = MAX_QA_RUNS) -> in
     return max(low, min(high, math.ceil(backlog / max(1, runs))))
 
 
-def _run_metadata(outcome: qa_service.BatchOutcome) -> dict[str, Any]:
+# Preview links in run metadata outlive the API's short ones: someone reads a run later.
+PREVIEW_LINK_SECONDS = 3600
+PREVIEW_FILES = {"contact_sheet": "contact sheet", "rate_timeline": "rate timeline"}
+
+
+def _previews_table(rows: list[dict[str, Any]], settings: Settings) -> str | None:
+    """Markdown: each previewed episode with links to its images and their keys."""
+    previewed = [r for r in rows if r.get("preview")][:100]
+    if not previewed:
+        return None
+    presigner = create_presign_client(settings)
+    lines = [
+        f"Links valid for {PREVIEW_LINK_SECONDS // 60} min; later: "
+        "`GET /api/v1/episodes/{id}/presign?kind=contact_sheet|rate_timeline`.",
+        "",
+        "| episode | verdict | contact sheet | rate timeline | keys | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in previewed:
+        preview = row["preview"]
+        cells, keys = [], []
+        for kind, label in PREVIEW_FILES.items():
+            key = preview.get(kind)
+            if not key:
+                cells.append("—")
+                continue
+            url = presign_get(presigner, preview["bucket"], key, PREVIEW_LINK_SECONDS)
+            cells.append(f"[{label}]({url})")
+            keys.append(f"`s3://{preview['bucket']}/{key}`")
+        notes = "; ".join(str(n) for n in preview.get("notes") or []).replace("|", "/")
+        lines.append(
+            f"| {row['episode']} | {row['verdict']} | {cells[0]} | {cells[1]} | "
+            f"{' '.join(keys) or '—'} | {notes[:200] or '—'} |"
+        )
+    return "\n".join(lines)
+
+
+def _run_metadata(outcome: qa_service.BatchOutcome, settings: Settings) -> dict[str, Any]:
     scores = [float(r["score"]) for r in outcome.rows if r.get("verdict") not in ("retry",)]
     rows = outcome.rows[:200]
     table = "| episode | verdict | score | failing checks |\n|---|---|---|---|\n" + "\n".join(
@@ -91,7 +132,8 @@ def _run_metadata(outcome: qa_service.BatchOutcome) -> dict[str, Any]:
         f"{', '.join(str(n) for n in r['failing']) or '—'} |"
         for r in rows
     )
-    return {
+    previewed = [r["preview"] for r in outcome.rows if r.get("preview")]
+    metadata: dict[str, Any] = {
         "claimed": outcome.claimed,
         "auto_approved": outcome.verdicts.get("auto_approved", 0),
         "needs_inspection": outcome.verdicts.get("needs_inspection", 0),
@@ -105,7 +147,17 @@ def _run_metadata(outcome: qa_service.BatchOutcome) -> dict[str, Any]:
         "mib_read": round(outcome.bytes_read / 2**20, 2),
         "episodes": MetadataValue.md(table),
         "results": MetadataValue.json(rows),
+        "previews": len(previewed),
+        "preview_seconds_mean": round(
+            sum(float(p.get("seconds") or 0) for p in previewed) / len(previewed), 3
+        )
+        if previewed
+        else 0.0,
     }
+    links = _previews_table(rows, settings)
+    if links:
+        metadata["preview_links"] = MetadataValue.md(links)
+    return metadata
 
 
 def _factory_slugs(database: KeystoneDatabase, ids: set[int]) -> dict[int, str]:
@@ -128,6 +180,7 @@ def _log_partitions(
         if factory_id not in slugs:
             continue
         failing = sorted({str(n) for r in rows for n in r["failing"]})
+        links = _previews_table(rows, database.settings)
         context.log_event(
             AssetMaterialization(
                 asset_key="episode_qa",
@@ -142,6 +195,7 @@ def _log_partitions(
                     "qa_failed": sum(1 for r in rows if r["verdict"] == "qa_failed"),
                     "failing_checks": ", ".join(failing) or "none",
                     "results": MetadataValue.json(rows[:100]),
+                    **({"preview_links": MetadataValue.md(links)} if links else {}),
                 },
             )
         )
@@ -202,7 +256,7 @@ def score_pending_episodes(
         )
     outcome = _claim_and_score(context, database, object_store, limit=size)
     _log_partitions(context, database, outcome)
-    return Output(len(outcome.rows), metadata=_run_metadata(outcome))
+    return Output(len(outcome.rows), metadata=_run_metadata(outcome, settings))
 
 
 @job(description="Score one batch of pending_qa episodes.", tags=POOL_TAGS)
@@ -239,7 +293,7 @@ def rerun_episodes(
         episode_ids=config.episode_ids,
     )
     _log_partitions(context, database, outcome)
-    return Output(len(outcome.rows), metadata=_run_metadata(outcome))
+    return Output(len(outcome.rows), metadata=_run_metadata(outcome, database.settings))
 
 
 @job(description="Re-score chosen episodes (thorough tier by default).", tags=POOL_TAGS)
@@ -301,7 +355,7 @@ def episode_qa(
                 },
             )
         )
-    metadata = _run_metadata(outcome)
+    metadata = _run_metadata(outcome, settings)
     metadata["episodes_in_partition"] = len(ids)
     return MaterializeResult(metadata=metadata, check_results=checks)
 

@@ -841,7 +841,7 @@ def test_approvals_complete_the_order_and_rejections_do_not_count(
 
     def approve(episode_id: int) -> tuple[bool, int, OrderStatus]:
         with session_scope(mariadb_engine) as s:
-            counted = svc.record_approval(s, episode_id)
+            counted = svc.record_approval(s, episode_id, sync_target=None)
         with Session(mariadb_engine) as s:
             order = s.get(Order, order_id)
             assert order is not None
@@ -865,7 +865,7 @@ def test_concurrent_approvals_complete_the_order_once(
 
     def approve(i: int) -> bool:
         with session_scope(pool_engine) as s:
-            return svc.record_approval(s, episode_ids[i])
+            return svc.record_approval(s, episode_ids[i], sync_target=None)
 
     assert race(THREADS, approve) == [True] * THREADS
     with Session(mariadb_engine) as s:

@@ -220,7 +220,7 @@ def test_a_dead_runs_episodes_are_released_scored_once_and_its_late_result_dropp
     assert site.drain(instance) == 1  # the sensor released the leases and launched a run
     assert site.statuses() == Counter({"auto_approved": 3})
     with Session(site.engine) as session:
-        assert not qa_service.record(session, jobs[0].id, late, owner="dead-run")
+        assert not qa_service.record(session, jobs[0].id, late, owner="dead-run", sync_target=None)
         session.commit()
         assert session.exec(select(func.count()).select_from(QAResult)).one() == 3
     assert site.approved_count() == 3

@@ -157,3 +157,30 @@ def test_api_with_an_unreachable_database_exits_with_one_line(tmp_path: Path) ->
     assert result.returncode == 1
     assert "database unreachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def receiver_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    base = {"KEYSTONE_RECEIVER_DATABASE_URL": f"sqlite:///{tmp_path / 'receiver.db'}"}
+    return {**base, **extra}
+
+
+def test_cloud_receiver_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    assert "cloud-receiver" in run_cli("--help").stdout
+    result = run_cli("cloud-receiver", "--port", "1", env=receiver_env(tmp_path))
+    assert result.returncode == 2
+    assert "KEYSTONE_RECEIVER_TOKEN is not set" in result.stderr
+    assert "KEYSTONE_RECEIVER_ALLOW_ANONYMOUS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cloud_receiver_with_an_unreachable_database_exits_with_one_line(tmp_path: Path) -> None:
+    env = receiver_env(
+        tmp_path,
+        KEYSTONE_RECEIVER_TOKEN="a-token-long-enough-0123",
+        KEYSTONE_RECEIVER_DATABASE_URL="mysql+pymysql://root@127.0.0.1:1/receiver",
+    )
+    result = run_cli("cloud-receiver", "--port", "1", env=env)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "database unreachable" in lines[0]

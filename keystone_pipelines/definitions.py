@@ -15,6 +15,8 @@ from keystone_pipelines.defs.qa import episode_qa, pending_qa_sensor, qa_batch, 
 from keystone_pipelines.defs.sync import (
     cloud_sync,
     due_sync_sensor,
+    edge_retention,
+    edge_retention_schedule,
     resync,
     sync_batch,
     sync_safety_schedule,
@@ -33,6 +35,7 @@ defs = Definitions(
         repair_orphan_uploads,
         sync_batch,
         resync,
+        edge_retention,
     ],
     sensors=[
         pending_verification_sensor,
@@ -44,6 +47,7 @@ defs = Definitions(
         release_expired_leases_schedule,
         prune_device_feed_schedule,
         sync_safety_schedule,
+        edge_retention_schedule,
     ],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
     # Every job here is one op (or one asset) that parallelises inside itself; a process

@@ -13,6 +13,8 @@
   ``IN_RUN_RETRIES`` times) — later retries are the sensor's. Unexpected errors (the
   database dropping between an upload and its status write) are retried by the op's
   ``RetryPolicy``; a retried op first takes back the jobs its run still holds.
+* ``edge_retention`` (daily schedule, only when ``KEYSTONE_EDGE_RETENTION_DAYS`` is set;
+  dry run by default when launched by hand) expires edge copies after a verified sync.
 * ``resync`` pushes chosen episodes again; ``cloud_sync`` is the daily x factory asset:
   materializing a partition (or backfilling a date range) queues that day's approved
   episodes that are not synced (optionally resyncs synced ones) and pushes them.
@@ -57,6 +59,7 @@ from sqlmodel import col, select
 from keystone_core import clock
 from keystone_core.errors import KeystoneError
 from keystone_core.models import Episode, Factory, SyncJob
+from keystone_core.services import retention
 from keystone_core.services import sync as sync_service
 from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
@@ -407,3 +410,66 @@ def sync_safety_schedule(
     if _in_flight(context):
         return SkipReason("a sync_batch run is in flight")
     return RunRequest(tags={**POOL_TAGS, "keystone/due": str(due), "keystone/by": "schedule"})
+
+
+class RetentionConfig(Config):
+    dry_run: bool = True
+    limit: int = 1000
+
+
+@op(description="Expire edge objects of episodes synced longer ago than the retention period.")
+def expire_edge_objects(
+    context: OpExecutionContext,
+    config: RetentionConfig,
+    database: KeystoneDatabase,
+    object_store: KeystoneObjectStore,
+) -> Output[int]:
+    report = retention.expire(
+        database.session,
+        object_store.client,
+        database.settings,
+        dry_run=config.dry_run,
+        actor=Actor.system("dagster", request_id=context.run.run_id),
+        limit=config.limit,
+    )
+    summary = report.as_dict()
+    context.log.info(
+        "%s: %d episode(s), %.1f MB %s",
+        "dry run" if report.dry_run else "retention",
+        len(report.candidates),
+        report.candidate_bytes / 1e6,
+        "would be freed" if report.dry_run else f"freed {report.bytes_freed / 1e6:.1f} MB",
+    )
+    return Output(
+        report.expired,
+        metadata={
+            "dry_run": report.dry_run,
+            "candidates": len(report.candidates),
+            "candidate_mb": round(report.candidate_bytes / 1e6, 1),
+            "expired": report.expired,
+            "errors": MetadataValue.json(report.errors),
+            "report": MetadataValue.json(summary),
+        },
+    )
+
+
+@job(description="Edge retention (dry run by default; the daily schedule applies it).")
+def edge_retention() -> None:
+    expire_edge_objects()
+
+
+@schedule(
+    job=edge_retention,
+    cron_schedule="30 3 * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Daily: expire edge copies synced longer ago than KEYSTONE_EDGE_RETENTION_DAYS.",
+)
+def edge_retention_schedule(
+    context: ScheduleEvaluationContext, database: KeystoneDatabase
+) -> RunRequest | SkipReason:
+    if database.settings.edge_retention_days is None:
+        return SkipReason("edge retention is off (KEYSTONE_EDGE_RETENTION_DAYS is empty)")
+    return RunRequest(
+        run_config={"ops": {"expire_edge_objects": {"config": {"dry_run": False}}}},
+        tags={"keystone/kind": "retention"},
+    )

@@ -482,3 +482,76 @@ def test_ops_api_bad_input_and_scope(site: SyncSite, ops: Ops, client: TestClien
     )
     assert client.get("/api/v1/sync/config", headers=collector).status_code == 403
     assert client.get("/api/v1/sync/config").status_code == 401
+
+
+# --- edge retention -------------------------------------------------------------------------
+
+
+def _edge_keys(site: SyncSite) -> set[str]:
+    keys: set[str] = set()
+    for page in site.s3.get_paginator("list_objects_v2").paginate(Bucket=site.bucket):
+        keys |= {item["Key"] for item in page.get("Contents", [])}
+    return keys
+
+
+def test_edge_retention_is_off_by_default_dry_runs_and_never_expires_before_a_verified_sync(
+    site: SyncSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keystone_core.errors import ConflictError
+    from keystone_core.services import retention
+    from keystone_core.services.audit import Actor
+    from keystone_core.settings import load_settings
+    from keystone_pipelines.defs.sync import edge_retention
+
+    synced, waiting, failed = site.approved(3)
+    site.push_once()
+    with Session(site.engine) as session:  # one still waiting, one failed
+        for episode_pk, status in ((waiting, SyncStatus.QUEUED), (failed, SyncStatus.FAILED)):
+            job = session.exec(select(SyncJob).where(col(SyncJob.episode_id) == episode_pk)).one()
+            job.status = status
+            job.synced_at = None
+            session.add(job)
+        session.commit()
+    before = _edge_keys(site)
+    actor = Actor.system("test")
+    # Off (default): a dry run reports nothing; applying is refused.
+    assert site.settings.edge_retention_days is None
+    report = retention.expire(site.session_scope, site.s3, site.settings, dry_run=True, actor=actor)
+    assert report.candidates == []
+    with pytest.raises(ConflictError):
+        retention.expire(site.session_scope, site.s3, site.settings, dry_run=False, actor=actor)
+    # On, 7 days: nothing is old enough yet.
+    monkeypatch.setenv("KEYSTONE_EDGE_RETENTION_DAYS", "7")
+    settings = load_settings(env="test")
+    report = retention.expire(site.session_scope, site.s3, settings, dry_run=True, actor=actor)
+    assert report.candidates == []
+    # Eight days later: only the verified sync qualifies. Dry run first: nothing deleted.
+    with clock.frozen(clock.now() + dt.timedelta(days=8)):
+        report = retention.expire(site.session_scope, site.s3, settings, dry_run=True, actor=actor)
+        assert [c.episode_pk for c in report.candidates] == [synced]
+        assert report.candidate_bytes > 0
+        assert _edge_keys(site) == before
+        run = edge_retention.execute_in_process(
+            run_config={"ops": {"expire_edge_objects": {"config": {"dry_run": False}}}},
+            instance=site.instance(),
+            resources=site.resources,
+        )
+        assert run.success
+    with Session(site.engine) as session:
+        expired = session.get(Episode, synced)
+        assert expired is not None
+        assert expired.edge_expired_at is not None
+        gone = {expired.mcap_path, expired.sidecar_path}
+        audit = session.exec(
+            select(AuditLog).where(AuditLog.action == "episode.edge_expired")
+        ).all()
+    assert _edge_keys(site) == before - gone
+    assert len(audit) == 1
+    # Nothing is expired twice.
+    with clock.frozen(clock.now() + dt.timedelta(days=8)):
+        assert (
+            retention.expire(
+                site.session_scope, site.s3, settings, dry_run=True, actor=actor
+            ).candidates
+            == []
+        )

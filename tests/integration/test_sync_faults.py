@@ -98,6 +98,7 @@ def site(
             "KEYSTONE_SYNC_HTTP_TIMEOUT_S": "3",
             "KEYSTONE_SYNC_MAX_ATTEMPTS": "10",
             "KEYSTONE_SYNC_BATCH_MAX": "200",
+            "KEYSTONE_SYNC_WORKERS": "6",
         },
     )
 

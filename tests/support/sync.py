@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -84,23 +85,26 @@ class SyncSite:
     def approved(self, count: int, *, size: int = 64 * 1024, large: int = 0) -> list[int]:
         """``count`` approved episodes (the first ``large`` of 12 MiB: multipart), each
         approved the way an inspector's decision does it (transition + record_approval in
-        one transaction), so their sync jobs come from the outbox."""
-        ids = []
+        the approving transaction), so their sync jobs come from the outbox."""
         device = self.robot.device_id
-        for i in range(count):
-            with Session(self.engine, expire_on_commit=False) as session:
-                task = make_task(session, batch_id=self.batch.id, robot_id=self.robot.id)
-                session.commit()
+        with Session(self.engine, expire_on_commit=False) as session:
+            tasks = [
+                make_task(session, batch_id=self.batch.id, robot_id=self.robot.id)
+                for _ in range(count)
+            ]
+            session.commit()
+        uploads: list[tuple[str, bytes]] = []
+        rows: list[Episode] = []
+        for i, task in enumerate(tasks):
             n = 12 * MIB + 12345 if i < large else size + i
             data = hashlib.shake_256(f"{task.task_id}".encode()).digest(n)
             key = f"{self.factory.id}/{device}/{DAY.isoformat()}/{task.task_id}.mcap"
             sidecar = json.dumps({"task_id": task.task_id, "device_id": device}).encode()
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
-            self.s3.put_object(Bucket=self.bucket, Key=key[:-5] + ".json", Body=sidecar)
+            uploads += [(key, data), (key[:-5] + ".json", sidecar)]
             public = f"episode_{task.task_id}"
             self.content[public] = data
-            with Session(self.engine) as session:
-                row = Episode(
+            rows.append(
+                Episode(
                     episode_id=public,
                     task_id=task.id,
                     factory_id=task.factory_id,
@@ -118,8 +122,20 @@ class SyncSite:
                     status=EpisodeStatus.NEEDS_INSPECTION,
                     qa_score=0.8,
                 )
-                session.add(row)
-                session.flush()
+            )
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda item: self.s3.put_object(Bucket=self.bucket, Key=item[0], Body=item[1]),
+                    uploads,
+                )
+            )
+        ids = []
+        target = sync_service.target_of(self.settings)
+        with Session(self.engine) as session:
+            session.add_all(rows)
+            session.flush()
+            for row in rows:
                 assert row.id is not None
                 transition_episode(
                     session,
@@ -127,9 +143,9 @@ class SyncSite:
                     EpisodeStatus.INSPECTOR_APPROVED,
                     values={"approved_at": clock.now()},
                 )
-                record_approval(session, row.id, sync_target=sync_service.target_of(self.settings))
-                session.commit()
+                record_approval(session, row.id, sync_target=target)
                 ids.append(row.id)
+            session.commit()
         return ids
 
     # --- running sync --------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import secrets
 import signal
@@ -25,6 +27,7 @@ from keystone_core.settings import Settings, load_settings
 from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECEIVER_BUCKET = "keystone-cloud"
 DAGSTER_DEV_CONFIG = """\
 # Written by `keystone dev`: the SQLite variant of the repository's dagster.yaml.
 telemetry:
@@ -77,6 +80,7 @@ class DevStack:
     api_port: int = 8000
     dagster_port: int = 3000
     s3_port: int = 8333
+    receiver_port: int = 8100
     with_dagster: bool = True
     root: Path = field(default_factory=Path.cwd)
     console: Console = field(default_factory=Console)
@@ -133,6 +137,10 @@ class DevStack:
         dagster_home = self.data_dir / "dagster"
         dagster_home.mkdir(parents=True, exist_ok=True)
         (dagster_home / "dagster.yaml").write_text(DAGSTER_DEV_CONFIG)
+        # Derived, not stored: data directories made before the receiver existed still load.
+        receiver_token = hmac.new(
+            secrets_["secret_key"].encode(), b"keystone dev cloud receiver", hashlib.sha256
+        ).hexdigest()
         return {
             "KEYSTONE_ENV": "dev",
             "KEYSTONE_DATA_DIR": str(self.data_dir),
@@ -144,6 +152,16 @@ class DevStack:
             "KEYSTONE_S3_SECRET_KEY": secrets_["s3_secret_key"],
             "KEYSTONE_API_PORT": str(self.api_port),
             "DAGSTER_HOME": str(dagster_home),
+            # Approved episodes sync to the reference cloud receiver started alongside.
+            "KEYSTONE_SYNC_TARGET": "http",
+            "KEYSTONE_SYNC_HTTP_URL": f"http://127.0.0.1:{self.receiver_port}",
+            "KEYSTONE_SYNC_HTTP_TOKEN": receiver_token,
+            "KEYSTONE_RECEIVER_DATABASE_URL": f"sqlite:///{self.data_dir / 'receiver.db'}",
+            "KEYSTONE_RECEIVER_S3_ENDPOINT_URL": s3_endpoint,
+            "KEYSTONE_RECEIVER_S3_ACCESS_KEY": secrets_["s3_access_key"],
+            "KEYSTONE_RECEIVER_S3_SECRET_KEY": secrets_["s3_secret_key"],
+            "KEYSTONE_RECEIVER_BUCKET": RECEIVER_BUCKET,
+            "KEYSTONE_RECEIVER_TOKEN": receiver_token,
         }
 
     def _prepare(self, settings: Settings) -> list[int]:
@@ -191,6 +209,20 @@ class DevStack:
             ],
             env,
         )
+        self._spawn(
+            "cloud-receiver",
+            [
+                sys.executable,
+                "-m",
+                "keystone_cli",
+                "cloud-receiver",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.receiver_port),
+            ],
+            env,
+        )
         if self.with_dagster:
             # Create Dagster's storage once, before its two processes start: both would
             # otherwise initialise the same SQLite files at once and can stamp two heads.
@@ -224,7 +256,10 @@ class DevStack:
             )
 
     def _wait_ready(self, timeout_s: float = 180.0) -> None:
-        checks = {"api": f"http://127.0.0.1:{self.api_port}/api/v1/health"}
+        checks = {
+            "api": f"http://127.0.0.1:{self.api_port}/api/v1/health",
+            "cloud-receiver": f"http://127.0.0.1:{self.receiver_port}/health",
+        }
         if self.with_dagster:
             checks["dagster-webserver"] = f"http://127.0.0.1:{self.dagster_port}/server_info"
         deadline = time.monotonic() + timeout_s
@@ -266,6 +301,10 @@ class DevStack:
         c.print(
             f"S3         {settings.s3_endpoint_url}  buckets: "
             + ", ".join(settings.bucket_for_factory(str(f)) for f in factory_ids)
+        )
+        c.print(
+            f"Cloud      http://127.0.0.1:{self.receiver_port}  (reference cloud receiver; "
+            f"synced copies in bucket {RECEIVER_BUCKET})"
         )
         c.print(
             f"Admin      account [bold]{settings.admin_account}[/]  password "

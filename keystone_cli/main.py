@@ -174,15 +174,18 @@ def dev(
     api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
     dagster_port: Annotated[int, typer.Option(help="Dagster UI port.")] = 3000,
     s3_port: Annotated[int, typer.Option(help="Embedded S3 port.")] = 8333,
+    receiver_port: Annotated[int, typer.Option(help="Reference cloud receiver port.")] = 8100,
     no_dagster: Annotated[bool, typer.Option("--no-dagster", help="Skip Dagster.")] = False,
 ) -> None:
-    """Run everything on this machine: embedded S3, API, Dagster; SQLite under ./.keystone/."""
+    """Run everything on this machine: embedded S3, API, Dagster and the reference cloud
+    receiver approved episodes sync to; SQLite under ./.keystone/."""
     from keystone_cli.devstack import DevStack
 
     code = DevStack(
         api_port=api_port,
         dagster_port=dagster_port,
         s3_port=s3_port,
+        receiver_port=receiver_port,
         with_dagster=not no_dagster,
     ).run()
     raise typer.Exit(code)

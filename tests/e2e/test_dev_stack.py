@@ -38,6 +38,8 @@ def start_dev(cwd: Path, ports: dict[str, int], log: Path) -> subprocess.Popen[s
             str(ports["dagster"]),
             "--s3-port",
             str(ports["s3"]),
+            "--receiver-port",
+            str(ports["receiver"]),
         ],
         cwd=cwd,
         env=env,
@@ -80,7 +82,7 @@ def login(api: str, password: str) -> str:
 
 
 def test_dev_stack_comes_up_serves_and_restarts_on_the_same_data(tmp_path: Path) -> None:
-    ports = dict(zip(("api", "dagster", "s3"), free_tcp_ports(3), strict=True))
+    ports = dict(zip(("api", "dagster", "s3", "receiver"), free_tcp_ports(4), strict=True))
     api = f"http://127.0.0.1:{ports['api']}"
     log = tmp_path / "dev.log"
     process = start_dev(tmp_path, ports, log)
@@ -106,6 +108,16 @@ def test_dev_stack_comes_up_serves_and_restarts_on_the_same_data(tmp_path: Path)
         entries = graphql["data"]["workspaceOrError"]["locationEntries"]
         assert [(e["name"], e["loadStatus"]) for e in entries] == [("keystone_pipelines", "LOADED")]
         assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation"
+
+        # The reference cloud receiver is up, and sync points at it.
+        receiver = f"http://127.0.0.1:{ports['receiver']}"
+        assert receiver in banner
+        assert httpx.get(f"{receiver}/health", timeout=10).status_code == 200
+        config = httpx.get(
+            f"{api}/api/v1/sync/config", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        assert config["target"] == "http"
+        assert config["destination"]["url"] == receiver
     finally:
         if process.poll() is None:
             stop_and_check_children(process)

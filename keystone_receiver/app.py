@@ -260,7 +260,10 @@ def create_app(settings: ReceiverSettings) -> FastAPI:
         response_model=SessionOpened,
         response_model_exclude_none=True,
         dependencies=authed,
-        responses={**_ERRORS, 409: {"model": AlreadySyncedBody}},
+        responses={
+            **_ERRORS,
+            409: {"model": AlreadySyncedBody, "description": "`already_synced` (has synced_at)"},
+        },
         summary="Open or resume the episode's upload session",
     )
     def open_session(manifest: EpisodeManifest, sessions: SessionsDep) -> SessionOpened:

@@ -384,10 +384,12 @@ class SyncSessions:
                         missing_parts=missing,
                     )
                     return _Finding(obj, mismatch)
-                # False: a concurrent ``complete`` assembled it first; the checks still apply.
-                self.store.complete_multipart(
+                outcome = self.store.complete_multipart(
                     obj.key, obj.upload_id, [stored[n] for n in sorted(sizes)]
                 )
+                if outcome == "rejected":
+                    return self._mismatch(obj, "missing", None)  # reset: a new upload
+                # "gone": a concurrent ``complete`` assembled it first; the checks apply.
         size = self.store.size_of(obj.key)
         if size is None:
             return self._mismatch(obj, "missing", None)

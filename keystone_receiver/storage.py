@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import boto3
 from botocore.config import Config
@@ -36,6 +36,7 @@ _MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
 _BUCKET_EXISTS = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
 _MISSING_OBJECT = frozenset({"404", "NoSuchKey", "NotFound"})
 _MISSING_UPLOAD = frozenset({"NoSuchUpload"})
+_REJECTED_PARTS = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall"})
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,15 @@ class ReceiverStore:
                     return found
                 marker = next_marker
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[StoredPart]) -> bool:
-        """Assemble the object; ``False`` if the upload is gone (already assembled/aborted)."""
+    def complete_multipart(
+        self, key: str, upload_id: str, parts: list[StoredPart]
+    ) -> Literal["assembled", "gone", "rejected"]:
+        """Assemble the object from ``parts``.
+
+        ``gone``: the upload no longer exists (assembled by a concurrent call, or aborted).
+        ``rejected``: the store refuses these parts (e.g. an ETag it no longer knows); the
+        upload cannot be completed and must start over.
+        """
         with _store_errors("complete a multipart upload"):
             try:
                 self._client.complete_multipart_upload(
@@ -220,9 +228,11 @@ class ReceiverStore:
                 )
             except ClientError as exc:
                 if _code(exc) in _MISSING_UPLOAD:
-                    return False
+                    return "gone"
+                if _code(exc) in _REJECTED_PARTS:
+                    return "rejected"
                 raise
-        return True
+        return "assembled"
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         with _store_errors("abort a multipart upload"):

@@ -317,7 +317,12 @@ class HttpTarget:
                 raise SyncFailure(f"receiver asked for unknown object {upload!r}", retryable=False)
             if not upload.get("done"):
                 sent += self._upload(obj, upload, source)
-        complete = self._call("POST", f"{destination}/complete", {"session": session})
+        # The receiver re-reads and hashes every object before it answers (~400 MiB/s on a
+        # small host): allow for that on top of the request timeout.
+        hashing_s = shipment.total_bytes / (100 * MIB)
+        complete = self._call(
+            "POST", f"{destination}/complete", {"session": session}, extra_timeout_s=hashing_s
+        )
         if complete.status_code == 200:
             return self._receipt(complete, destination, sent, duplicate=False, session=session)
         raise _refused("complete", complete)
@@ -361,9 +366,14 @@ class HttpTarget:
                 http_status=answer.status_code,
             )
 
-    def _call(self, method: str, url: str, body: dict[str, Any]) -> httpx.Response:
+    def _call(
+        self, method: str, url: str, body: dict[str, Any], *, extra_timeout_s: float = 0.0
+    ) -> httpx.Response:
+        timeout = self.api.timeout
+        if extra_timeout_s > 0:
+            timeout = httpx.Timeout((timeout.read or 30.0) + extra_timeout_s)
         try:
-            return self.api.request(method, url, json=body)
+            return self.api.request(method, url, json=body, timeout=timeout)
         except httpx.HTTPError as exc:
             raise SyncFailure(
                 f"receiver unreachable: {type(exc).__name__}: {exc}", retryable=True

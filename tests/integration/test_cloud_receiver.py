@@ -64,10 +64,20 @@ def receiver(database_url: str, s3_server: EmbeddedS3Server) -> Iterator[LiveRec
         yield live
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(receiver: LiveReceiver) -> Iterator[httpx.Client]:
     with receiver.client() as c:
         yield c
+
+
+# One client for every PUT to S3: building an httpx client (its TLS context) costs ~50 ms.
+SENDER = httpx.Client(timeout=60)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_sender() -> Iterator[None]:
+    yield
+    SENDER.close()
 
 
 # --- a sender, by hand ------------------------------------------------------------------
@@ -110,7 +120,7 @@ def by_name(opened: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def put(url: str, data: bytes) -> httpx.Response:
-    return httpx.put(url, content=data, timeout=60)
+    return SENDER.put(url, content=data)
 
 
 def upload(

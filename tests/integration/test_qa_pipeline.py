@@ -25,7 +25,7 @@ from sqlmodel import Session, col, func, select
 
 from keystone_api.app import create_app
 from keystone_core import clock
-from keystone_core.models import AuditLog, Episode, EpisodeStatus, Order, QAResult
+from keystone_core.models import AuditLog, Episode, EpisodeStatus, Order, QAResult, SyncJob
 from keystone_core.qa.run import assess
 from keystone_core.qa.source import S3Source
 from keystone_core.services import qa as qa_service
@@ -185,6 +185,14 @@ def test_a_backlog_of_200_is_batched_into_few_runs_with_the_right_verdicts(
     )
     assert site.approved_count() == 150
     with Session(site.engine) as session:
+        # Every auto-approval queued its cloud sync in the same transaction; nothing else.
+        synced_ids = set(session.exec(select(SyncJob.episode_id)).all())
+        approved_ids = set(
+            session.exec(
+                select(Episode.id).where(Episode.status == EpisodeStatus.AUTO_APPROVED)
+            ).all()
+        )
+        assert synced_ids == approved_ids
         failing = Counter(
             check["name"]
             for result in session.exec(select(QAResult)).all()

@@ -261,11 +261,11 @@ def test_run_process_killed_mid_upload(site: SyncSite, cloud: Cloud) -> None:
 
 def test_two_runs_race_for_the_same_batch(site: SyncSite, cloud: Cloud) -> None:
     site.approved(EPISODES, large=LARGE)
-    instance = site.instance()
     barrier = threading.Barrier(2)
     results: list[Any] = []
 
     def run() -> None:
+        instance = site.instance()  # one each: two runs, like two run workers
         barrier.wait()
         results.append(
             sync_defs.sync_batch.execute_in_process(instance=instance, resources=site.resources)
@@ -281,7 +281,7 @@ def test_two_runs_race_for_the_same_batch(site: SyncSite, cloud: Cloud) -> None:
     # Each job was pushed by one run, once.
     attempts = site.attempts()
     assert len(attempts) == EPISODES
-    assert len({a.run_id for a in attempts}) == 2 or len({a.run_id for a in attempts}) == 1
+    assert len({a.run_id for a in attempts}) in (1, 2)  # the second may find nothing left
 
 
 def test_db_connection_dropped_between_upload_and_status_write(

@@ -555,3 +555,25 @@ def test_edge_retention_is_off_by_default_dry_runs_and_never_expires_before_a_ve
             ).candidates
             == []
         )
+
+
+def test_an_inspectors_approval_through_the_api_queues_the_sync_a_rejection_does_not(
+    site: SyncSite, ops: Ops, client: TestClient
+) -> None:
+    inspector = ops.headers["data_inspector"]
+    with Session(site.engine, expire_on_commit=False) as session:
+        good, bad = (
+            make_episode(session, factory_id=site.factory.id, status=EpisodeStatus.NEEDS_INSPECTION)
+            for _ in range(2)
+        )
+        session.commit()
+    approved = client.post(f"/api/v1/inspections/{good.id}/approve", json={}, headers=inspector)
+    assert approved.status_code == 200, approved.text
+    rejected = client.post(
+        f"/api/v1/inspections/{bad.id}/reject", json={"reason": "blurry"}, headers=inspector
+    )
+    assert rejected.status_code == 200, rejected.text
+    jobs = site.jobs()
+    assert [(j.episode_id, j.status, j.target) for j in jobs] == [
+        (good.id, SyncStatus.QUEUED, "s3")
+    ]

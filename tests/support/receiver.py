@@ -60,16 +60,19 @@ def receiver_settings(
     return ReceiverSettings(**values)  # type: ignore[arg-type]
 
 
-def receiver_database_url(backend: Backend, tmp_dir: Path) -> str:
-    """A fresh, empty database for a receiver: a SQLite file or ``keystone_receiver_test``.
+def receiver_database_url(
+    backend: Backend, tmp_dir: Path, *, mariadb_database: str = RECEIVER_MARIADB_DATABASE
+) -> str:
+    """A fresh, empty database for a receiver: a SQLite file under ``tmp_dir`` or a MariaDB
+    database (dropped and created again: give each test module its own name).
 
     MariaDB: raises ``pymysql.err.OperationalError`` when the server is unreachable (callers
     decide to skip or fail, e.g. through ``tests.conftest.unavailable``).
     """
     if backend == "sqlite":
         return f"sqlite:///{tmp_dir / 'receiver.db'}"
-    recreate_mariadb_database(RECEIVER_MARIADB_DATABASE)
-    return mariadb_url(RECEIVER_MARIADB_DATABASE)
+    recreate_mariadb_database(mariadb_database)
+    return mariadb_url(mariadb_database)
 
 
 @dataclass

@@ -11,7 +11,10 @@ parse MCAP) with a sidecar each; the approval queues their sync jobs (the outbox
    * *Keystone sync*: ``claim`` + ``push_batch`` through the S3 target (SHA-256 of every
      byte checked against the verified checksum, resumable multipart, checksum metadata,
      a HEAD after each object, one DB transaction per outcome);
-   * *Keystone sync in a Dagster run*: the same through ``sync_batch`` (in process).
+   * *Keystone sync in a Dagster run*: the same through ``sync_batch`` (in process);
+   * *Keystone sync → cloud receiver*: the ``http`` target against the reference receiver
+     (``keystone cloud-receiver`` in its own process, its bucket on the same SeaweedFS),
+     including the receiver's SHA-256 verification at ``complete``.
    Prints MB/s and episodes/min of each and the ratio Keystone / plain copy (target ≥ 0.8).
 2. **latency** — steady state: one episode approved every ``--interval`` seconds for
    ``--seconds``, ``due_sync_sensor`` ticking every 10 s (its minimum interval) and each
@@ -26,7 +29,9 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from boto3.s3.transfer import TransferConfig
 from common import recreate_database  # bench/ is on sys.path when run as a script
 from dagster import DagsterInstance, SensorResult, build_sensor_context
@@ -55,10 +61,13 @@ from keystone_core.models import (
     Task,
 )
 from keystone_core.services import sync as sync_service
+from keystone_core.services.audit import Actor
 from keystone_core.services.production import record_approval
+from keystone_core.services.scope import Scope
 from keystone_core.settings import Settings, load_settings
 from keystone_core.storage import EmbeddedS3Server, create_s3_client
 from keystone_core.storage.client import ensure_bucket
+from keystone_core.storage.embedded import free_tcp_ports
 from keystone_core.sync.targets import build_target
 from keystone_pipelines.defs.sync import due_sync_sensor, sync_batch
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
@@ -250,6 +259,64 @@ def dagster_sync(stack: Stack, instance: DagsterInstance) -> tuple[float, int]:
     return seconds, synced
 
 
+def receiver_sync(stack: Stack, s3: EmbeddedS3Server, work: Path) -> tuple[float, int]:
+    """The http target against a reference receiver process."""
+    (port,) = free_tcp_ports(1)
+    token = secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "KEYSTONE_RECEIVER_DATABASE_URL": f"sqlite:///{work / 'receiver.db'}",
+        "KEYSTONE_RECEIVER_S3_ENDPOINT_URL": s3.endpoint_url,
+        "KEYSTONE_RECEIVER_S3_ACCESS_KEY": s3.access_key,
+        "KEYSTONE_RECEIVER_S3_SECRET_KEY": s3.secret_key,
+        "KEYSTONE_RECEIVER_BUCKET": "bench-cloud",
+        "KEYSTONE_RECEIVER_TOKEN": token,
+    }
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "keystone_cli", "cloud-receiver", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or receiver.poll() is not None:
+                raise SystemExit("the cloud receiver did not start")
+            time.sleep(0.2)
+        os.environ.update(
+            {
+                "KEYSTONE_SYNC_TARGET": "http",
+                "KEYSTONE_SYNC_HTTP_URL": base,
+                "KEYSTONE_SYNC_HTTP_TOKEN": token,
+            }
+        )
+        stack.settings = load_settings()
+        with Session(stack.engine) as session:
+            sync_service.enqueue_matching(
+                session,
+                Scope.everything(),
+                stack.settings,
+                sync_service.EnqueueFilter(limit=100_000),
+                actor=Actor.system("bench"),
+            )
+            session.commit()
+        seconds, _sent, synced = keystone_sync(stack)
+        return seconds, synced
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)
+        for name in ("KEYSTONE_SYNC_TARGET", "KEYSTONE_SYNC_HTTP_URL", "KEYSTONE_SYNC_HTTP_TOKEN"):
+            os.environ.pop(name, None)
+        stack.settings = load_settings()
+
+
 def steady_latency(
     stack: Stack, instance: DagsterInstance, seconds: float, interval: float, size: int
 ) -> list[float]:
@@ -337,6 +404,9 @@ def main() -> None:
         instance = DagsterInstance.ephemeral()
         seconds, _ = dagster_sync(stack, instance)
         results["Keystone sync, Dagster run"] = (seconds, total)
+        print("Keystone sync → reference cloud receiver (http) …", flush=True)
+        seconds, _ = receiver_sync(stack, s3, work)
+        results["Keystone sync → receiver"] = (seconds, total)
         print(
             f"steady state: one {args.latency_mib} MiB episode every {args.interval} s "
             f"for {args.seconds:.0f} s …",

@@ -118,6 +118,48 @@ def migrate(
     typer.echo(f"database at revision {status.current} (head {status.head})")
 
 
+@app.command()
+def retention(
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Delete for real (default: dry run, a report).")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Episodes at most.")] = 1000,
+) -> None:
+    """Edge retention: which edge copies a verified sync lets go (KEYSTONE_EDGE_RETENTION_DAYS).
+
+    Prints a JSON report; exit 1 when deletions failed, 2 when retention is off and
+    --apply was asked for.
+    """
+    import json
+
+    from keystone_core.db import create_db_engine, session_scope
+    from keystone_core.errors import ConflictError
+    from keystone_core.services import retention as retention_service
+    from keystone_core.services.audit import Actor
+    from keystone_core.settings import get_settings
+    from keystone_core.storage import create_s3_client
+
+    settings = get_settings()
+    engine = create_db_engine(settings)
+    try:
+        report = retention_service.expire(
+            lambda: session_scope(engine),
+            create_s3_client(settings),
+            settings,
+            dry_run=not apply,
+            actor=Actor.system("cli"),
+            limit=limit,
+        )
+    except ConflictError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+    if report.errors:
+        raise typer.Exit(1)
+
+
 @user_app.command("create")
 def user_create(
     account: Annotated[str, typer.Argument(help="Login name.")],

@@ -184,3 +184,21 @@ def test_cloud_receiver_with_an_unreachable_database_exits_with_one_line(tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "database unreachable" in lines[0]
+
+
+def test_retention_is_a_dry_run_report_and_refuses_to_apply_when_off(tmp_path: Path) -> None:
+    import json
+
+    env = sqlite_env(tmp_path)
+    assert run_cli("migrate", env=env).returncode == 0
+    report = run_cli("retention", env=env)
+    assert report.returncode == 0, report.stderr
+    body = json.loads(report.stdout)
+    assert body["dry_run"] is True
+    assert body["candidates"] == 0
+    applied = run_cli("retention", "--apply", env=env)
+    assert applied.returncode == 2
+    assert "KEYSTONE_EDGE_RETENTION_DAYS" in applied.stderr
+    on = run_cli("retention", env={**env, "KEYSTONE_EDGE_RETENTION_DAYS": "7"})
+    assert on.returncode == 0, on.stderr
+    assert json.loads(on.stdout)["cutoff"] is not None

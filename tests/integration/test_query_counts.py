@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, update
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from keystone_api.access import ROUTE_ACCESS, Device, Public
-from keystone_core.models import Episode, EpisodeStatus, Role
+from keystone_core.models import Episode, EpisodeStatus, Role, SyncJob
 from tests.integration.test_rbac_matrix import app_settings, build_world, client  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,8 @@ def list_routes() -> list[str]:
         and "{" not in path
         and not isinstance(rule, Public | Device)
         and Role.ADMIN in rule
-        # Not pages: the caller itself, an event stream, the live recorder list, counts.
+        # Not pages: the caller itself, an event stream, the live recorder list, counts,
+        # the sync configuration.
         and path
         not in {
             "/api/v1/auth/me",
@@ -48,6 +49,7 @@ def list_routes() -> list[str]:
             "/api/v1/device-state/stream",
             "/api/v1/recorder/devices",
             "/api/v1/transfer/devices",
+            "/api/v1/sync/config",
         }
     )
 
@@ -62,6 +64,9 @@ def test_list_routes_query_count_does_not_grow_with_the_page(
         session.commit()
         # Their episodes wait for a person, so the inspection queue has rows to page.
         session.execute(update(Episode).values(status=EpisodeStatus.NEEDS_INSPECTION.value))
+        # …and each has a sync job, so the sync summary has rows to page.
+        for episode in session.exec(select(Episode)).all():
+            session.add(SyncJob(episode_id=episode.id, factory_id=episode.factory_id))  # type: ignore[arg-type]
         session.commit()
     token = client.post(
         "/api/v1/auth/login", json={"account": "admin", "password": "test-admin-password"}

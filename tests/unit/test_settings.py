@@ -161,6 +161,15 @@ def test_dev_and_test_accept_the_default_secrets(env: str) -> None:
         ("KEYSTONE_S3_BUCKET_PREFIX", "Edge_"),
         ("KEYSTONE_ENV", "staging"),
         ("KEYSTONE_ADMIN_ACCOUNT", ""),
+        ("KEYSTONE_QA_PREVIEW", "sometimes"),
+        ("KEYSTONE_PRESIGN_EXPIRES_S", "3601"),
+        ("KEYSTONE_PRESIGN_EXPIRES_S", "0"),
+        ("KEYSTONE_S3_PUBLIC_ENDPOINT_URL", "s3.example.com"),
+        ("KEYSTONE_DERIVED_PREFIX", "derived"),
+        ("KEYSTONE_DERIVED_PREFIX", "/derived/"),
+        ("KEYSTONE_DERIVED_PREFIX", "a/../b/"),
+        # Devices write under {factory_id}/ (a number): derived objects must stay apart.
+        ("KEYSTONE_DERIVED_PREFIX", "12/derived/"),
     ],
 )
 def test_an_invalid_value_is_refused_naming_the_variable(
@@ -178,3 +187,13 @@ def test_every_invalid_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch
     message = refusal()
     assert "KEYSTONE_API_PORT" in message
     assert "KEYSTONE_QA_AUTO_APPROVE_THRESHOLD" in message
+
+
+def test_preview_and_link_defaults() -> None:
+    settings = load_settings()
+    assert settings.qa_preview == "doubtful"
+    assert settings.derived_prefix == "_keystone/derived/"
+    assert settings.presign_expires_s == 300
+    assert settings.s3_public_endpoint_url is None  # links are signed for s3_endpoint_url
+    assert load_settings(s3_public_endpoint_url="").s3_public_endpoint_url is None
+    assert load_settings(derived_prefix="qa-previews/").derived_prefix == "qa-previews/"

@@ -400,6 +400,17 @@ def _close_open_attempts(
     )
 
 
+def _release(session: Session, job_id: int, target: SyncStatus, **values: Any) -> None:
+    """``in_progress → target``, giving up the lease, with ``values`` in the same UPDATE."""
+    transition_sync(
+        session,
+        job_id,
+        target,
+        expected={SyncStatus.IN_PROGRESS},
+        values={"lease_owner": None, "lease_expires_at": None, **values},
+    )
+
+
 def checkpoint(session: Session, job_id: int, owner: str, progress: dict[str, Any]) -> bool:
     """Persist resumable progress (multipart upload ids, receiver session) while held."""
     job = _holds(session, job_id, owner)
@@ -424,22 +435,17 @@ def record_synced(session: Session, work: SyncWork, receipt: Receipt, *, owner: 
     job = _holds(session, work.job_id, owner)
     if job is None:
         return False
-    transition_sync(
+    _release(
         session,
         work.job_id,
         SyncStatus.SYNCED,
-        expected={SyncStatus.IN_PROGRESS},
-        values={
-            "synced_at": receipt.synced_at,
-            "destination": receipt.destination[:1024],
-            "bytes_transferred": job.bytes_transferred + receipt.bytes_sent,
-            "remote_session": (receipt.remote_session or job.remote_session or None),
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "next_attempt_at": None,
-            "last_error": "",
-            "progress": {},
-        },
+        synced_at=receipt.synced_at,
+        destination=receipt.destination[:1024],
+        bytes_transferred=job.bytes_transferred + receipt.bytes_sent,
+        remote_session=receipt.remote_session or job.remote_session or None,
+        next_attempt_at=None,
+        last_error="",
+        progress={},
     )
     _close_attempt(
         session,
@@ -482,18 +488,13 @@ def record_failure(
     now = clock.now()
     if failure.retryable and not exhausted:
         delay = backoff_seconds(job.attempt_count, settings.sync_backoff_base_s, rng)
-        transition_sync(
+        _release(
             session,
             work.job_id,
             SyncStatus.RETRY_WAIT,
-            expected={SyncStatus.IN_PROGRESS},
-            values={
-                "next_attempt_at": now + dt.timedelta(seconds=delay),
-                "last_error": error,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "bytes_transferred": job.bytes_transferred + bytes_sent,
-            },
+            next_attempt_at=now + dt.timedelta(seconds=delay),
+            last_error=error,
+            bytes_transferred=job.bytes_transferred + bytes_sent,
         )
         _close_attempt(
             session,
@@ -520,18 +521,13 @@ def _fail(
     session: Session, job: SyncJob, error: str, now: dt.datetime, *, bytes_sent: int = 0
 ) -> None:
     assert job.id is not None
-    transition_sync(
+    _release(
         session,
         job.id,
         SyncStatus.FAILED,
-        expected={SyncStatus.IN_PROGRESS},
-        values={
-            "last_error": error,
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "next_attempt_at": None,
-            "bytes_transferred": job.bytes_transferred + bytes_sent,
-        },
+        last_error=error,
+        next_attempt_at=None,
+        bytes_transferred=job.bytes_transferred + bytes_sent,
     )
     episode_id = session.exec(
         select(Episode.episode_id).where(col(Episode.id) == job.episode_id)
@@ -585,18 +581,7 @@ def recover_expired(session: Session, settings: Settings) -> int:
         if job.attempt_count >= settings.sync_max_attempts:
             _fail(session, job, note, now)
             continue
-        transition_sync(
-            session,
-            job.id,
-            SyncStatus.RETRY_WAIT,
-            expected={SyncStatus.IN_PROGRESS},
-            values={
-                "next_attempt_at": now,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "last_error": note,
-            },
-        )
+        _release(session, job.id, SyncStatus.RETRY_WAIT, next_attempt_at=now, last_error=note)
     return len(jobs)
 
 

@@ -30,7 +30,6 @@ from dagster import (
     AssetExecutionContext,
     AssetMaterialization,
     Config,
-    DagsterRunStatus,
     DailyPartitionsDefinition,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
@@ -41,7 +40,6 @@ from dagster import (
     OpExecutionContext,
     Output,
     RunRequest,
-    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -59,6 +57,7 @@ from keystone_core.services.episode_links import presign_get
 from keystone_core.services.episodes import release_expired_qa_leases
 from keystone_core.settings import Settings
 from keystone_core.storage import create_presign_client
+from keystone_pipelines.defs.runs import runs_in_flight
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "qa", "keystone/kind": "qa"}
@@ -360,20 +359,6 @@ def episode_qa(
     return MaterializeResult(metadata=metadata, check_results=checks)
 
 
-def _in_flight(context: SensorEvaluationContext) -> int:
-    return context.instance.get_runs_count(
-        RunsFilter(
-            job_name="qa_batch",
-            statuses=[
-                DagsterRunStatus.QUEUED,
-                DagsterRunStatus.NOT_STARTED,
-                DagsterRunStatus.STARTING,
-                DagsterRunStatus.STARTED,
-            ],
-        )
-    )
-
-
 @dagster_sensor(
     job=qa_batch,
     minimum_interval_seconds=10,
@@ -394,7 +379,9 @@ def pending_qa_sensor(
     if not waiting:
         return SkipReason("no episode waits for QA")
     size = batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max)
-    wanted = min(MAX_QA_RUNS, math.ceil(waiting / size)) - _in_flight(context)
+    wanted = min(MAX_QA_RUNS, math.ceil(waiting / size)) - runs_in_flight(
+        context.instance, "qa_batch"
+    )
     if wanted <= 0:
         return SkipReason(f"{waiting} episode(s) wait; {MAX_QA_RUNS} qa_batch run(s) in flight")
     tick = int(context.cursor or 0) + 1

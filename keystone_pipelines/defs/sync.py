@@ -31,7 +31,6 @@ from dagster import (
     AssetMaterialization,
     Backoff,
     Config,
-    DagsterRunStatus,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     Jitter,
@@ -43,7 +42,6 @@ from dagster import (
     RetryPolicy,
     RetryRequested,
     RunRequest,
-    RunsFilter,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
@@ -65,6 +63,7 @@ from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.sync.targets import build_target
 from keystone_pipelines.defs.qa import qa_partitions
+from keystone_pipelines.defs.runs import runs_in_flight
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "sync", "keystone/kind": "sync"}
@@ -339,18 +338,19 @@ def cloud_sync(
     return MaterializeResult(metadata=metadata)
 
 
-def _in_flight(context: SensorEvaluationContext | ScheduleEvaluationContext) -> int:
-    return context.instance.get_runs_count(
-        RunsFilter(
-            job_name="sync_batch",
-            statuses=[
-                DagsterRunStatus.QUEUED,
-                DagsterRunStatus.NOT_STARTED,
-                DagsterRunStatus.STARTING,
-                DagsterRunStatus.STARTED,
-            ],
-        )
-    )
+def _recover_and_count_due(
+    context: SensorEvaluationContext | ScheduleEvaluationContext, database: KeystoneDatabase
+) -> int | SkipReason:
+    """Return expired leases to retry_wait; how many jobs are due (or why nothing is)."""
+    settings = database.settings
+    if settings.sync_target == "off":
+        return SkipReason("cloud sync is off (KEYSTONE_SYNC_TARGET=off)")
+    with database.session() as session:
+        recovered = sync_service.recover_expired(session, settings)
+        due = sync_service.due_count(session)
+    if recovered:
+        context.log.info("recovered %d sync job(s) whose lease expired", recovered)
+    return due or SkipReason("no sync job is due")
 
 
 @dagster_sensor(
@@ -362,18 +362,13 @@ def _in_flight(context: SensorEvaluationContext | ScheduleEvaluationContext) -> 
 def due_sync_sensor(
     context: SensorEvaluationContext, database: KeystoneDatabase
 ) -> SensorResult | SkipReason:
-    settings = database.settings
-    if settings.sync_target == "off":
-        return SkipReason("cloud sync is off (KEYSTONE_SYNC_TARGET=off)")
-    with database.session() as session:
-        recovered = sync_service.recover_expired(session, settings)
-        due = sync_service.due_count(session)
-    if recovered:
-        context.log.info("recovered %d sync job(s) whose lease expired", recovered)
-    if not due:
-        return SkipReason("no sync job is due")
-    size = settings.sync_batch_max
-    wanted = min(MAX_SYNC_RUNS, math.ceil(due / size)) - _in_flight(context)
+    due = _recover_and_count_due(context, database)
+    if isinstance(due, SkipReason):
+        return due
+    size = database.settings.sync_batch_max
+    wanted = min(MAX_SYNC_RUNS, math.ceil(due / size)) - runs_in_flight(
+        context.instance, "sync_batch"
+    )
     if wanted <= 0:
         return SkipReason(f"{due} sync job(s) due; {MAX_SYNC_RUNS} sync_batch run(s) in flight")
     tick = int(context.cursor or 0) + 1
@@ -399,15 +394,10 @@ def due_sync_sensor(
 def sync_safety_schedule(
     context: ScheduleEvaluationContext, database: KeystoneDatabase
 ) -> RunRequest | SkipReason:
-    settings = database.settings
-    if settings.sync_target == "off":
-        return SkipReason("cloud sync is off")
-    with database.session() as session:
-        sync_service.recover_expired(session, settings)
-        due = sync_service.due_count(session)
-    if not due:
-        return SkipReason("no sync job is due")
-    if _in_flight(context):
+    due = _recover_and_count_due(context, database)
+    if isinstance(due, SkipReason):
+        return due
+    if runs_in_flight(context.instance, "sync_batch"):
         return SkipReason("a sync_batch run is in flight")
     return RunRequest(tags={**POOL_TAGS, "keystone/due": str(due), "keystone/by": "schedule"})
 

@@ -320,8 +320,10 @@ def test_two_claimers_on_mariadb_never_share_a_job(site: SyncSite) -> None:
 def test_safety_schedule_launches_a_run_only_when_jobs_are_due(site: SyncSite) -> None:
     from dagster import RunRequest, build_schedule_context, instance_for_test
 
-    with instance_for_test() as instance:
-        context = build_schedule_context(instance=instance, resources=site.resources)
+    with (
+        instance_for_test() as instance,
+        build_schedule_context(instance=instance, resources=site.resources) as context,
+    ):
         assert not isinstance(sync_safety_schedule(context), RunRequest)
         site.approved(1)
         assert isinstance(sync_safety_schedule(context), RunRequest)

@@ -324,3 +324,20 @@ def test_db_connection_dropped_between_upload_and_status_write(
     outcomes = [a.outcome for a in site.attempts() if a.sync_job_id == job.id]
     assert outcomes == ["interrupted", "duplicate"]
     assert job.attempt_count == 2
+
+
+def test_a_retry_due_within_30_s_is_retried_inside_the_same_run(
+    site: SyncSite, cloud: Cloud
+) -> None:
+    site.approved(10)
+    cloud.api.fail("POST", r"/api/v1/sync/episode$", status=503, times=10)
+    result = sync_defs.sync_batch.execute_in_process(
+        instance=site.instance(), resources=site.resources
+    )
+    assert result.success
+    retried = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retried) == 1  # RetryRequested: the backoff (10 ms base) was due at once
+    assert_exactly_once(site, cloud, count=10)
+    runs = {a.run_id for a in site.attempts()}
+    assert runs == {result.run_id}
+    assert sorted(a.outcome for a in site.attempts()) == ["retry"] * 10 + ["synced"] * 10

@@ -175,6 +175,10 @@ class EmbeddedS3Server:
     master_grpc_port: int = 0
     volume_grpc_port: int = 0
     filer_grpc_port: int = 0
+    # Volumes the server may create; 0 lets weed derive it from free disk space (about one
+    # per GiB free). Every bucket is its own collection with volumes of its own, so a store
+    # with many buckets (a test session) needs more.
+    max_volumes: int = 0
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _ports: WeedPorts | None = field(default=None, init=False, repr=False)
     _socket_dir: Path | None = field(default=None, init=False, repr=False)
@@ -328,6 +332,7 @@ class EmbeddedS3Server:
             # The grace period lets other nodes notice a volume server leaving; there are no
             # other nodes, and it doubles the stop time.
             "-volume.preStopSeconds=0",
+            *([f"-volume.max={self.max_volumes}"] if self.max_volumes > 0 else []),
             f"-filer.localSocket={sockets / 'filer.sock'}",
             f"-s3.localSocket={sockets / 's3.sock'}",
         ]

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ def cloud(s3_server: EmbeddedS3Server, tmp_path: Path) -> Iterator[Cloud]:
         settings = receiver_settings(
             s3_server,
             database,
-            bucket=f"cloud-{uuid.uuid4().hex[:12]}",
+            bucket="cloud-faults",  # one for the session: buckets cost the store volumes
             public_s3_endpoint_url=store.url,
             multipart_threshold=5 * MIB,
             part_size=5 * MIB,

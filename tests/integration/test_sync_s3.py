@@ -59,13 +59,19 @@ def site(
     s3_server: EmbeddedS3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> SyncSite:
-    bucket = f"cloud-{uuid.uuid4().hex[:12]}"  # the S3 server lives for the whole session
+    # One target bucket for the session (every bucket costs the store volumes); each test
+    # writes under its own prefix.
+    prefix = f"t{uuid.uuid4().hex[:12]}/"
     return SyncSite(
         mariadb_engine,
         mariadb_migrated,
         s3_server,
         monkeypatch,
-        {"KEYSTONE_SYNC_TARGET": "s3", "KEYSTONE_SYNC_S3_BUCKET": bucket},
+        {
+            "KEYSTONE_SYNC_TARGET": "s3",
+            "KEYSTONE_SYNC_S3_BUCKET": "cloud-copy",
+            "KEYSTONE_SYNC_S3_PREFIX": prefix,
+        },
     )
 
 
@@ -76,7 +82,7 @@ def _target_objects(site: SyncSite) -> dict[str, dict[str, Any]]:
     }:
         return found
     for page in site.s3.get_paginator("list_objects_v2").paginate(
-        Bucket=site.settings.sync_s3_bucket
+        Bucket=site.settings.sync_s3_bucket, Prefix=site.settings.sync_s3_prefix
     ):
         for item in page.get("Contents", []):
             head = site.s3.head_object(Bucket=site.settings.sync_s3_bucket, Key=item["Key"])
@@ -135,7 +141,8 @@ def test_sensor_runs_push_every_approved_episode_once_with_checksums_at_the_targ
         episodes = {e.episode_id: e for e in session.exec(select(Episode)).all()}
     for public, data in site.content.items():
         episode = episodes[public]
-        key = f"{site.factory.slug}/{episode.device_id}/{DAY}/{public}/episode.mcap"
+        folder = f"{site.factory.slug}/{episode.device_id}/{DAY}/{public}/"
+        key = site.settings.sync_s3_prefix + folder + "episode.mcap"
         assert objects[key]["size"] == len(data)
         assert objects[key]["meta"]["checksum-sha256"] == hashlib.sha256(data).hexdigest()
         body = site.s3.get_object(Bucket=site.settings.sync_s3_bucket, Key=key)["Body"].read()

@@ -21,6 +21,9 @@ def start_test_s3_server(tmp_dir: Path) -> EmbeddedS3Server:
         data_dir=tmp_dir,
         access_key="TEST" + secrets.token_hex(8).upper(),
         secret_key=secrets.token_urlsafe(30),
+        # A session makes a bucket per test factory; weed's default (one volume per GiB of
+        # free disk) ran out after ~56 buckets on a CI host.
+        max_volumes=2000,
     )
     server.start(timeout=TEST_START_TIMEOUT_S)
     return server

@@ -39,7 +39,6 @@ from dagster import (
     MultiPartitionsDefinition,
     OpExecutionContext,
     Output,
-    RunRequest,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -57,7 +56,7 @@ from keystone_core.services.episode_links import presign_get
 from keystone_core.services.episodes import release_expired_qa_leases
 from keystone_core.settings import Settings
 from keystone_core.storage import create_presign_client
-from keystone_pipelines.defs.runs import runs_in_flight
+from keystone_pipelines.defs.runs import batch_run_requests
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "qa", "keystone/kind": "qa"}
@@ -186,7 +185,7 @@ def _log_partitions(
                 partition=MultiPartitionKey(
                     {"date": day.isoformat(), "factory": slugs[factory_id]}
                 ),
-                description=f"{len(rows)} episode(s) scored by run {context.run_id}",
+                description=f"{len(rows)} episode(s) scored by run {context.run.run_id}",
                 metadata={
                     "scored": len(rows),
                     "auto_approved": sum(1 for r in rows if r["verdict"] == "auto_approved"),
@@ -215,7 +214,7 @@ def _claim_and_score(
         jobs = qa_service.claim(
             session,
             settings,
-            owner=context.run_id,
+            owner=context.run.run_id,
             limit=limit,
             lease=timedelta(minutes=settings.qa_lease_minutes),
             episode_ids=episode_ids,
@@ -226,8 +225,8 @@ def _claim_and_score(
         settings=settings,
         s3=object_store.client,
         session_scope=database.session,
-        owner=context.run_id,
-        run_id=context.run_id,
+        owner=context.run.run_id,
+        run_id=context.run.run_id,
         workers=settings.qa_workers,
         log=context.log.info,
     )
@@ -276,7 +275,7 @@ def rerun_episodes(
     database: KeystoneDatabase,
     object_store: KeystoneObjectStore,
 ) -> Output[int]:
-    actor = Actor.system("dagster", request_id=context.run_id)
+    actor = Actor.system("dagster", request_id=context.run.run_id)
     with database.session() as session:
         requeued = qa_service.requeue(
             session, config.episode_ids, actor, tier=config.tier, reason=config.reason
@@ -327,7 +326,7 @@ def episode_qa(
         qa_service.requeue(
             session,
             ids,
-            Actor.system("dagster", request_id=context.run_id),
+            Actor.system("dagster", request_id=context.run.run_id),
             reason=f"episode_qa backfill {slug} {day}",
         )
     outcome = qa_service.BatchOutcome()
@@ -378,21 +377,12 @@ def pending_qa_sensor(
         )
     if not waiting:
         return SkipReason("no episode waits for QA")
-    size = batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max)
-    wanted = min(MAX_QA_RUNS, math.ceil(waiting / size)) - runs_in_flight(
-        context.instance, "qa_batch"
-    )
-    if wanted <= 0:
-        return SkipReason(f"{waiting} episode(s) wait; {MAX_QA_RUNS} qa_batch run(s) in flight")
-    tick = int(context.cursor or 0) + 1
-    context.update_cursor(str(tick))
-    return SensorResult(
-        run_requests=[
-            RunRequest(
-                run_key=f"qa-{tick}-{i}",
-                run_config={"ops": {"score_pending_episodes": {"config": {"batch_size": size}}}},
-                tags={**POOL_TAGS, "keystone/waiting": str(waiting)},
-            )
-            for i in range(wanted)
-        ]
+    return batch_run_requests(
+        context,
+        job_name="qa_batch",
+        op_name="score_pending_episodes",
+        waiting=waiting,
+        size=batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max),
+        max_runs=MAX_QA_RUNS,
+        tags={**POOL_TAGS, "keystone/waiting": str(waiting)},
     )

@@ -22,7 +22,6 @@
 
 # No `from __future__ import annotations` here: Dagster inspects op annotations at runtime.
 
-import math
 from datetime import date
 from typing import Any
 
@@ -63,7 +62,7 @@ from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.sync.targets import build_target
 from keystone_pipelines.defs.qa import qa_partitions
-from keystone_pipelines.defs.runs import runs_in_flight
+from keystone_pipelines.defs.runs import batch_run_requests, runs_in_flight
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "sync", "keystone/kind": "sync"}
@@ -365,23 +364,14 @@ def due_sync_sensor(
     due = _recover_and_count_due(context, database)
     if isinstance(due, SkipReason):
         return due
-    size = database.settings.sync_batch_max
-    wanted = min(MAX_SYNC_RUNS, math.ceil(due / size)) - runs_in_flight(
-        context.instance, "sync_batch"
-    )
-    if wanted <= 0:
-        return SkipReason(f"{due} sync job(s) due; {MAX_SYNC_RUNS} sync_batch run(s) in flight")
-    tick = int(context.cursor or 0) + 1
-    context.update_cursor(str(tick))
-    return SensorResult(
-        run_requests=[
-            RunRequest(
-                run_key=f"sync-{tick}-{i}",
-                run_config={"ops": {"push_due_episodes": {"config": {"batch_size": size}}}},
-                tags={**POOL_TAGS, "keystone/due": str(due)},
-            )
-            for i in range(wanted)
-        ]
+    return batch_run_requests(
+        context,
+        job_name="sync_batch",
+        op_name="push_due_episodes",
+        waiting=due,
+        size=database.settings.sync_batch_max,
+        max_runs=MAX_SYNC_RUNS,
+        tags={**POOL_TAGS, "keystone/due": str(due)},
     )
 
 

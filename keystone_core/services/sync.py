@@ -45,7 +45,7 @@ from keystone_core.services.audit import Actor, record_audit
 from keystone_core.services.scope import Scope
 from keystone_core.states import transition_sync
 from keystone_core.sync.targets import Receipt, Target
-from keystone_core.sync.transfer import Shipment, SyncFailure, SyncObject
+from keystone_core.sync.transfer import Shipment, SyncFailure, SyncObject, read_edge
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -309,8 +309,9 @@ def shipment(work: SyncWork, source: S3Client) -> Shipment:
         )
     ]
     if work.sidecar_key:
-        probe = SyncObject("episode.json", -1, "", bucket=work.bucket, key=work.sidecar_key)
-        data = _read_whole(probe, source)
+        data = read_edge(
+            source, "episode.json", work.bucket, work.sidecar_key, max_bytes=SIDECAR_MAX_BYTES
+        )
         objects.append(
             SyncObject("episode.json", len(data), hashlib.sha256(data).hexdigest(), data=data)
         )
@@ -331,27 +332,6 @@ def shipment(work: SyncWork, source: S3Client) -> Shipment:
 
 
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
-
-
-def _read_whole(obj: SyncObject, source: S3Client) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    assert obj.bucket is not None
-
-    assert obj.key is not None
-    try:
-        response = source.get_object(Bucket=obj.bucket, Key=obj.key)
-        if int(response.get("ContentLength", 0)) > SIDECAR_MAX_BYTES:
-            raise SyncFailure(f"{obj.name}: sidecar larger than 16 MiB", retryable=False)
-        return response["Body"].read()
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        gone = code in {"NoSuchKey", "404", "NotFound"}
-        raise SyncFailure(
-            f"{obj.name}: edge object s3://{obj.bucket}/{obj.key}: {code}", retryable=not gone
-        ) from None
-    except BotoCoreError as exc:
-        raise SyncFailure(f"{obj.name}: edge store unreachable: {exc}", retryable=True) from None
 
 
 # --- outcomes -----------------------------------------------------------------------------

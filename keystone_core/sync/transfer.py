@@ -51,29 +51,45 @@ class SyncObject:
             return self.data[offset : offset + length]
         assert self.bucket is not None
         assert self.key is not None
-        try:
-            response = source.get_object(
-                Bucket=self.bucket, Key=self.key, Range=f"bytes={offset}-{offset + length - 1}"
-            )
-            body = response["Body"].read()
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING:
-                raise SyncFailure(
-                    f"{self.name}: edge object s3://{self.bucket}/{self.key} is gone",
-                    retryable=False,
-                ) from None
-            raise SyncFailure(f"{self.name}: edge store refused: {code}", retryable=True) from None
-        except BotoCoreError as exc:
-            raise SyncFailure(
-                f"{self.name}: edge store unreachable: {exc}", retryable=True
-            ) from None
+        body = read_edge(
+            source, self.name, self.bucket, self.key, f"bytes={offset}-{offset + length - 1}"
+        )
         if len(body) != length:
             raise SyncFailure(
                 f"{self.name}: edge object is shorter than its recorded size {self.size}",
                 retryable=False,
             )
         return body
+
+
+def read_edge(
+    source: S3Client,
+    name: str,
+    bucket: str,
+    key: str,
+    byte_range: str | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> bytes:
+    """GET an edge object (or a range of it), store errors as :class:`SyncFailure`: a
+    missing object cannot be retried, a refusing or unreachable store can."""
+    try:
+        if byte_range is None:
+            response = source.get_object(Bucket=bucket, Key=key)
+        else:
+            response = source.get_object(Bucket=bucket, Key=key, Range=byte_range)
+        if max_bytes is not None and int(response.get("ContentLength", 0)) > max_bytes:
+            raise SyncFailure(f"{name}: larger than {max_bytes} bytes", retryable=False)
+        return response["Body"].read()
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING:
+            raise SyncFailure(
+                f"{name}: edge object s3://{bucket}/{key} is gone", retryable=False
+            ) from None
+        raise SyncFailure(f"{name}: edge store refused: {code}", retryable=True) from None
+    except BotoCoreError as exc:
+        raise SyncFailure(f"{name}: edge store unreachable: {exc}", retryable=True) from None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,14 @@
 """Every table of Keystone; importing this package registers them all on SQLModel.metadata."""
 
-from keystone_core.models.audit import AuditLog, OutboxEvent, RevokedToken, Webhook
+from keystone_core.models.alerts import Alert, ComponentHeartbeat
+from keystone_core.models.audit import (
+    AuditLog,
+    OutboxEvent,
+    RevokedToken,
+    Webhook,
+    WebhookAttempt,
+    WebhookDelivery,
+)
 from keystone_core.models.catalog import SOP, Scene, Skill, Subscene
 from keystone_core.models.device import (
     DeviceCommand,
@@ -11,6 +19,8 @@ from keystone_core.models.device import (
     TransferStatus,
 )
 from keystone_core.models.enums import (
+    AlertSeverity,
+    AlertState,
     BatchStatus,
     CredentialKind,
     EpisodeStatus,
@@ -23,6 +33,7 @@ from keystone_core.models.enums import (
     SyncStatus,
     SyncTarget,
     TaskStatus,
+    WebhookDeliveryStatus,
 )
 from keystone_core.models.episode import Episode, Inspection, QAResult
 from keystone_core.models.organization import Factory, Organization, Workstation
@@ -39,6 +50,10 @@ from keystone_core.models.sync import SyncAttempt, SyncJob
 
 __all__ = [
     "SOP",
+    "Alert",
+    "AlertSeverity",
+    "AlertState",
+    "ComponentHeartbeat",
     "AuditLog",
     "Batch",
     "BatchStatus",
@@ -83,5 +98,8 @@ __all__ = [
     "User",
     "UserFactory",
     "Webhook",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookDeliveryStatus",
     "Workstation",
 ]

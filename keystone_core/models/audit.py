@@ -5,13 +5,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, Index
+from sqlalchemy import JSON, Index, UniqueConstraint
 from sqlmodel import Field
 
 from keystone_core import clock
 from keystone_core.db import UTCDateTime
-from keystone_core.models.base import Timestamped, enum_field, fk_field, id_field, utc_field
-from keystone_core.models.enums import OutboxStatus
+from keystone_core.models.base import (
+    Timestamped,
+    double_field,
+    enum_field,
+    fk_field,
+    id_field,
+    utc_field,
+)
+from keystone_core.models.enums import OutboxStatus, WebhookDeliveryStatus
 
 
 class AuditLog(Timestamped, table=True):
@@ -48,6 +55,12 @@ class Webhook(Timestamped, table=True):
     is_active: bool = Field(default=True)
     consecutive_failures: int = Field(default=0, ge=0)
     disabled_at: dt.datetime | None = utc_field()
+    description: str = Field(default="", max_length=255, sa_column_kwargs={"server_default": ""})
+    disabled_reason: str = Field(
+        default="", max_length=255, sa_column_kwargs={"server_default": ""}
+    )
+    last_success_at: dt.datetime | None = utc_field()
+    last_failure_at: dt.datetime | None = utc_field()
 
 
 class OutboxEvent(Timestamped, table=True):
@@ -65,6 +78,48 @@ class OutboxEvent(Timestamped, table=True):
     next_attempt_at: dt.datetime | None = utc_field()
     delivered_at: dt.datetime | None = utc_field()
     last_error: str = Field(default="", max_length=2048)
+    # The X-Request-ID of the API call whose transaction wrote the event, if any.
+    request_id: str | None = Field(default=None, max_length=64)
+
+
+class WebhookDelivery(Timestamped, table=True):
+    """One outbox event for one webhook: its delivery state, retried with backoff."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_webhook_event"),
+        Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
+    )
+
+    id: int | None = id_field()
+    webhook_id: int = fk_field("webhooks.id", ondelete="CASCADE")
+    event_id: int = fk_field("outbox.id", ondelete="CASCADE")
+    event_type: str = Field(max_length=64)
+    status: WebhookDeliveryStatus = enum_field(WebhookDeliveryStatus, WebhookDeliveryStatus.PENDING)
+    attempts: int = Field(default=0, ge=0)
+    next_attempt_at: dt.datetime | None = utc_field()
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_expires_at: dt.datetime | None = utc_field()
+    response_status: int | None = None
+    last_error: str = Field(default="", max_length=2048)
+    delivered_at: dt.datetime | None = utc_field()
+
+
+class WebhookAttempt(Timestamped, table=True):
+    """Every POST made for a delivery (the delivery log)."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = id_field()
+    delivery_id: int = fk_field("webhook_deliveries.id", ondelete="CASCADE")
+    attempt_no: int = Field(ge=1)
+    started_at: dt.datetime = utc_field(nullable=False)
+    duration_ms: float | None = double_field(ge=0)
+    response_status: int | None = None
+    response_body: str = Field(default="", max_length=1024)
+    error: str = Field(default="", max_length=2048)
+    success: bool = Field(default=False)
+    run_id: str | None = Field(default=None, max_length=64)
 
 
 class RevokedToken(Timestamped, table=True):

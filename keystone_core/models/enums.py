@@ -86,6 +86,25 @@ class OutboxStatus(StrEnum):
     FAILED = "failed"
 
 
+class WebhookDeliveryStatus(StrEnum):
+    """One event for one webhook: pending → delivered, or retry_wait → … → failed."""
+
+    PENDING = "pending"
+    RETRY_WAIT = "retry_wait"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class AlertState(StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class AlertSeverity(StrEnum):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
 class CredentialKind(StrEnum):
     """What a hashed device token authenticates."""
 

@@ -58,6 +58,8 @@ class Episode(Timestamped, table=True):
     # Runs that could not read the object (missing, store down); retried after qa_not_before.
     qa_attempts: int = Field(default=0, ge=0)
     qa_not_before: dt.datetime | None = utc_field()
+    # X-Request-ID of the API call that requeued QA; tagged on the run that scores it.
+    qa_request_id: str | None = Field(default=None, max_length=64)
     approved_at: dt.datetime | None = utc_field()
     # Edge retention: when the device objects were expired after a verified sync.
     edge_expired_at: dt.datetime | None = utc_field()

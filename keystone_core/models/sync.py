@@ -36,6 +36,8 @@ class SyncJob(Timestamped, table=True):
     synced_at: dt.datetime | None = utc_field()
     # Resumable multipart state of the s3 target: {object name: {"upload_id", "key"}}.
     progress: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+    # X-Request-ID of the API call that queued (or requeued) the job; tagged on its run.
+    request_id: str | None = Field(default=None, max_length=64)
 
 
 class SyncAttempt(Timestamped, table=True):

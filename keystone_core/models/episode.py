@@ -27,6 +27,8 @@ class Episode(Timestamped, table=True):
         Index("ix_episodes_factory_status", "factory_id", "status"),
         Index("ix_episodes_factory_date", "factory_id", "recording_date"),
         Index("ix_episodes_status_lease", "status", "qa_lease_expires_at"),
+        # The "no uploads for 30 min" alert reads the latest episode of each factory.
+        Index("ix_episodes_factory_created", "factory_id", "created_at"),
     )
 
     id: int | None = id_field()

@@ -107,6 +107,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('episodes', schema=None) as batch_op:
         batch_op.add_column(sa.Column('qa_request_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
+        batch_op.create_index('ix_episodes_factory_created', ['factory_id', 'created_at'], unique=False)
 
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.add_column(sa.Column('request_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
@@ -138,6 +139,7 @@ def downgrade() -> None:
         batch_op.drop_column('request_id')
 
     with op.batch_alter_table('episodes', schema=None) as batch_op:
+        batch_op.drop_index('ix_episodes_factory_created')
         batch_op.drop_column('qa_request_id')
 
     with op.batch_alter_table('webhook_attempts', schema=None) as batch_op:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,11 @@ class DevStack:
         dagster_home = self.data_dir / "dagster"
         dagster_home.mkdir(parents=True, exist_ok=True)
         (dagster_home / "dagster.yaml").write_text(DAGSTER_DEV_CONFIG)
+        # One host, one metrics directory: the API's /metrics also shows what Dagster's
+        # runs counted (QA verdicts, sync attempts, webhook deliveries). Fresh per start.
+        metrics_dir = self.data_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
         # Derived, not stored: data directories made before the receiver existed still load.
         receiver_token = hmac.new(
             secrets_["secret_key"].encode(), b"keystone dev cloud receiver", hashlib.sha256
@@ -152,6 +158,7 @@ class DevStack:
             "KEYSTONE_S3_SECRET_KEY": secrets_["s3_secret_key"],
             "KEYSTONE_API_PORT": str(self.api_port),
             "DAGSTER_HOME": str(dagster_home),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             # Approved episodes sync to the reference cloud receiver started alongside.
             "KEYSTONE_SYNC_TARGET": "http",
             "KEYSTONE_SYNC_HTTP_URL": f"http://127.0.0.1:{self.receiver_port}",

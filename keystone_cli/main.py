@@ -4,14 +4,19 @@ episodes (``keystone qa``) and generate or simulate recordings."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from keystone_core.errors import KeystoneError
 from keystone_core.simulation.episodes import FAULTS
+
+if TYPE_CHECKING:
+    from keystone_core.settings import Settings
 
 app = typer.Typer(
     name="keystone",
@@ -52,6 +57,34 @@ def api(
         prepare_database(engine, settings)
     finally:
         engine.dispose()
+    with _metrics_dir_for(workers, settings.prometheus_multiproc_dir):
+        _serve_api(uvicorn, settings, host, port, workers)
+
+
+@contextmanager
+def _metrics_dir_for(workers: int, configured: Path | None) -> Iterator[None]:
+    """Several workers share metrics through prometheus-client's multiprocess mode: give
+    them a fresh directory unless PROMETHEUS_MULTIPROC_DIR names one (then it is the
+    operator's, shared with other processes of the host, and left as it is)."""
+    if workers == 1 or configured is not None:
+        yield
+        return
+    import os
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="keystone-metrics-")
+    # Workers are spawned after this and read the variable when prometheus-client loads.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _serve_api(
+    uvicorn: Any, settings: Settings, host: str | None, port: int | None, workers: int
+) -> None:
     uvicorn.run(
         "keystone_api.app:create_app",
         factory=True,
@@ -65,6 +98,35 @@ def api(
         log_level=settings.log_level.lower(),
         proxy_headers=True,
     )
+
+
+@app.command("metrics-exporter")
+def metrics_exporter(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 9464,
+) -> None:
+    """Serve /metrics for every process sharing PROMETHEUS_MULTIPROC_DIR on this host
+    (the Dagster daemon's runs, where no API runs to export them)."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from keystone_core.settings import get_settings
+
+    directory = get_settings().prometheus_multiproc_dir
+    if directory is None or not directory.is_dir():
+        err.print(
+            "[bold red]error:[/] set PROMETHEUS_MULTIPROC_DIR to the directory the "
+            "processes of this host write their metrics to",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    start_http_server(port, addr=host, registry=registry)
+    err.print(f"metrics of {directory} at http://{host}:{port}/metrics", highlight=False)
+    threading.Event().wait()
 
 
 @app.command("cloud-receiver")

@@ -62,11 +62,14 @@ class LiveApi:
         return self.log_path.read_text(errors="replace")
 
 
-def start_api(env: dict[str, str], log_path: Path, *, timeout: float = 60.0) -> LiveApi:
+def start_api(
+    env: dict[str, str], log_path: Path, *, timeout: float = 60.0, workers: int = 1
+) -> LiveApi:
     (port,) = free_tcp_ports(1)
     log_file = log_path.open("wb")
+    argv = ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "keystone_cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "keystone_cli", *argv],
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -41,7 +41,7 @@ def list_routes() -> list[str]:
         and not isinstance(rule, Public | Device)
         and Role.ADMIN in rule
         # Not pages: the caller itself, an event stream, the live recorder list, counts,
-        # the sync configuration.
+        # the sync configuration, the webhook event catalogue, the alert rules.
         and path
         not in {
             "/api/v1/auth/me",
@@ -50,6 +50,8 @@ def list_routes() -> list[str]:
             "/api/v1/recorder/devices",
             "/api/v1/transfer/devices",
             "/api/v1/sync/config",
+            "/api/v1/webhooks/event-types",
+            "/api/v1/alerts/rules",
         }
     )
 

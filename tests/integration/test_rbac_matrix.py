@@ -24,6 +24,8 @@ from keystone_api.app import api_routes, create_app
 from keystone_core import clock
 from keystone_core.models import (
     SOP,
+    Alert,
+    AlertSeverity,
     Batch,
     DataCollector,
     EnrollmentWindow,
@@ -32,6 +34,8 @@ from keystone_core.models import (
     Inspector,
     Order,
     Organization,
+    OutboxEvent,
+    OutboxStatus,
     Robot,
     RobotConfigTemplate,
     RobotType,
@@ -42,6 +46,9 @@ from keystone_core.models import (
     Task,
     User,
     UserFactory,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryStatus,
     Workstation,
 )
 from keystone_core.security import hash_password, issue_access_token
@@ -134,6 +141,36 @@ def build_world(session: Session, tag: str) -> World:
     session.add_all([episode, user, window])
     session.flush()
     session.add(UserFactory(user_id=user.id, factory_id=factory.id))  # type: ignore[arg-type]
+    # A webhook of the factory with one delivered delivery (for the delivery-log routes).
+    webhook = Webhook(
+        url=f"http://127.0.0.1:9/{tag}",
+        secret=f"whsec_{tag}",
+        event_types=["*"],
+        factory_id=factory.id,
+    )
+    event = OutboxEvent(
+        event_type="webhook.test", factory_id=factory.id, status=OutboxStatus.DELIVERED
+    )
+    session.add_all([webhook, event])
+    session.flush()
+    delivery = WebhookDelivery(
+        webhook_id=webhook.id,  # type: ignore[arg-type]
+        event_id=event.id,  # type: ignore[arg-type]
+        event_type=event.event_type,
+        status=WebhookDeliveryStatus.DELIVERED,
+    )
+    session.add(delivery)
+    alert = Alert(
+        rule="upload_queue_high",
+        severity=AlertSeverity.WARNING,
+        factory_id=factory.id,
+        open_key=f"upload_queue_high:{factory.id}",
+        summary="6 tasks are waiting for their upload (more than 5)",
+        started_at=clock.now(),
+        last_evaluated_at=clock.now(),
+    )
+    session.add(alert)
+    session.flush()
     ids = {
         "organizations": org.id,
         "factories": factory.id,
@@ -153,6 +190,9 @@ def build_world(session: Session, tag: str) -> World:
         "episodes": episode.id,
         "inspections": episode.id,  # /inspections/{id}/… take the episode's id
         "enrollment_windows": window.id,
+        "webhooks": webhook.id,
+        "webhook_deliveries": delivery.id,
+        "alerts": alert.id,
     }
     return World(
         factory_id=factory.id,
@@ -252,6 +292,8 @@ def fill(path: str, world: World, device_id: str) -> str:
             return "config.yaml"
         if name == "device_id":
             return device_id
+        if name == "delivery_id":
+            return str(world.ids["webhook_deliveries"])
         raise AssertionError(f"no value for path parameter {name} in {path}")
 
     url = re.sub(r"\{(\w+)\}", value, path)

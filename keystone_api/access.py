@@ -144,6 +144,36 @@ ROUTE_ACCESS: dict[tuple[str, str], Rule] = {
     ("GET", f"{V1}/sync/episodes/{{id}}/status"): QUALITY,
     ("GET", f"{V1}/sync/episodes/{{id}}/logs"): QUALITY,
     ("GET", f"{V1}/sync/config"): QUALITY,
+    # Dashboards and data-production statistics (docs/statistics.md).
+    ("GET", f"{V1}/production/dashboard/snapshot"): PRODUCTION,
+    ("GET", f"{V1}/production/dashboard/overview"): PRODUCTION,
+    ("GET", f"{V1}/quality/dashboard"): QUALITY,
+    **{
+        ("GET", f"{V1}/admin/statistics/data-production/{view}"): MANAGERS
+        for view in ("summary", "trend", "breakdown", "details", "export")
+    },
+    **{
+        ("GET", f"{V1}/operator/statistics/data-production/{view}"): frozenset(
+            {Role.DATA_COLLECTOR}
+        )
+        for view in ("summary", "trend", "breakdown")
+    },
     # Audit.
     ("GET", f"{V1}/audit"): ADMIN,
+    # Alerts (raised by the alerts sensor; read-only here).
+    ("GET", f"{V1}/alerts"): QUALITY,
+    ("GET", f"{V1}/alerts/rules"): QUALITY,
+    ("GET", f"{V1}/alerts/{{id}}"): QUALITY,
+    # Webhooks: admins only (their secrets sign what leaves Keystone).
+    ("GET", f"{V1}/webhooks/event-types"): ADMIN,
+    ("GET", f"{V1}/webhooks"): ADMIN,
+    ("POST", f"{V1}/webhooks"): ADMIN,
+    ("GET", f"{V1}/webhooks/{{id}}"): ADMIN,
+    ("PATCH", f"{V1}/webhooks/{{id}}"): ADMIN,
+    ("DELETE", f"{V1}/webhooks/{{id}}"): ADMIN,
+    ("POST", f"{V1}/webhooks/{{id}}/rotate-secret"): ADMIN,
+    ("POST", f"{V1}/webhooks/{{id}}/test"): ADMIN,
+    ("GET", f"{V1}/webhooks/{{id}}/deliveries"): ADMIN,
+    ("GET", f"{V1}/webhooks/{{id}}/deliveries/{{delivery_id}}"): ADMIN,
+    ("POST", f"{V1}/webhooks/{{id}}/deliveries/{{delivery_id}}/redeliver"): ADMIN,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute, iter_route_contexts
+from prometheus_client.multiprocess import mark_process_dead
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import WebSocketRoute
 
@@ -22,6 +24,7 @@ from keystone_api.routers import ROUTERS
 from keystone_api.ws.recorder import RecorderHub, recorder_socket, reject_default_path
 from keystone_api.ws.transfer import TransferHub, transfer_socket
 from keystone_core.db import create_db_engine
+from keystone_core.metrics import state_registry
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.settings import Settings, get_settings
 from keystone_core.storage import create_s3_client
@@ -42,6 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(prepare_database, app.state.engine, settings)
             app.state.recorder_hub = RecorderHub(app.state.engine, settings)
             app.state.transfer_hub = TransferHub(app.state.engine, settings, app.state.s3)
+            app.state.metrics_state = state_registry(
+                app.state.engine, cache_s=settings.metrics_state_cache_s
+            )
             await app.state.recorder_hub.start()
             await app.state.transfer_hub.start()
             log.info("keystone api ready (env=%s)", settings.env.value)
@@ -52,6 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.recorder_hub.stop()
         finally:
             app.state.engine.dispose()
+            if settings.prometheus_multiproc_dir is not None:
+                # This worker's live gauges (device sockets) leave the shared sum.
+                mark_process_dead(os.getpid(), str(settings.prometheus_multiproc_dir))  # type: ignore[no-untyped-call]
 
     app = FastAPI(
         dependencies=[Depends(authorize)],

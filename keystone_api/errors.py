@@ -124,7 +124,13 @@ async def _out_of_range(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    # Runs outside the request-id middleware (Starlette's outermost layer): name it here.
+    log.exception(
+        "unhandled error on %s %s",
+        request.method,
+        request.url.path,
+        extra={"request_id": getattr(request.state, "request_id", None)},
+    )
     return error_response(500, "internal_error", "internal error; see the server log")
 
 

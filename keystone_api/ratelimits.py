@@ -19,14 +19,24 @@ REGISTRATION = "registration"
 CALLBACK = "callback"
 # Robots behind one NAT share an address: the per-address limit is ten devices' worth.
 CALLBACK_ADDRESS = "callback_address"
+# A factory's registrations, ten addresses' worth: one noisy address cannot use them up
+# (its refused requests are not counted here), a fleet-wide storm still stops.
+REGISTRATION_FACTORY = "registration_factory"
+CONFIG_DOWNLOAD = "config_download"
+# Limits that are "ten devices' worth" of the per-device (or per-address) setting.
+SHARED_FACTOR = 10
 
 
 def install_rate_limiters(app: FastAPI, settings: Settings) -> None:
     app.state.rate_limiters = {
         LOGIN: RateLimiter(settings.login_rate_per_minute, 60.0),
         REGISTRATION: RateLimiter(settings.registration_rate_per_minute, 60.0),
+        REGISTRATION_FACTORY: RateLimiter(
+            SHARED_FACTOR * settings.registration_rate_per_minute, 60.0
+        ),
         CALLBACK: RateLimiter(settings.callback_rate_per_minute, 60.0),
-        CALLBACK_ADDRESS: RateLimiter(10 * settings.callback_rate_per_minute, 60.0),
+        CALLBACK_ADDRESS: RateLimiter(SHARED_FACTOR * settings.callback_rate_per_minute, 60.0),
+        CONFIG_DOWNLOAD: RateLimiter(settings.config_download_rate_per_minute, 60.0),
     }
 
 

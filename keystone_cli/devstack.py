@@ -22,6 +22,7 @@ from rich.console import Console
 from keystone_core.db import create_db_engine, session_scope
 from keystone_core.errors import KeystoneError
 from keystone_core.local_secrets import load_or_create_secrets
+from keystone_core.logs import configure_logging
 from keystone_core.services.bootstrap import prepare_database
 from keystone_core.services.demo import seed_demo
 from keystone_core.settings import Settings, load_settings
@@ -115,6 +116,7 @@ class DevStack:
                     if k.startswith("KEYSTONE_")
                 }
             )
+            configure_logging(settings)
             factory_ids = self._prepare(settings)
             self._start_children(env)
             self._wait_ready()
@@ -169,6 +171,10 @@ class DevStack:
             "KEYSTONE_RECEIVER_S3_SECRET_KEY": secrets_["s3_secret_key"],
             "KEYSTONE_RECEIVER_BUCKET": RECEIVER_BUCKET,
             "KEYSTONE_RECEIVER_TOKEN": receiver_token,
+            # Readable lines in .keystone/logs/ unless KEYSTONE_LOG_FORMAT says otherwise.
+            "KEYSTONE_LOG_FORMAT": _explicit_log_format() or "text",
+            # Without the daemon there is no heartbeat for /health to wait for.
+            "KEYSTONE_HEALTH_REQUIRE_DAGSTER": "true" if self.with_dagster else "false",
         }
 
     def _prepare(self, settings: Settings) -> list[int]:
@@ -227,6 +233,8 @@ class DevStack:
                 "127.0.0.1",
                 "--port",
                 str(self.receiver_port),
+                "--log-format",
+                env["KEYSTONE_LOG_FORMAT"],
             ],
             env,
         )
@@ -348,3 +356,9 @@ class DevStack:
             # Grandchildren (Dagster's code server) may outlive their parent: end the group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.process.pid, signal.SIGKILL)
+
+
+def _explicit_log_format() -> str | None:
+    """KEYSTONE_LOG_FORMAT when the environment sets it (a default does not count)."""
+    settings = load_settings()
+    return settings.log_format if "log_format" in settings.model_fields_set else None

@@ -50,6 +50,7 @@ def api(
     from keystone_core.settings import get_settings
 
     settings = get_settings()
+    _configure_logging(settings)
     # Fail here with one clear line (bad settings, database down) rather than inside the
     # server's start-up; each worker repeats this cheaply (no pending migrations).
     engine = create_db_engine(settings)
@@ -82,9 +83,18 @@ def _metrics_dir_for(workers: int, configured: Path | None) -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _configure_logging(settings: Settings) -> None:
+    """Log as KEYSTONE_LOG_FORMAT / KEYSTONE_LOG_LEVEL say (docs/observability.md)."""
+    from keystone_core.logs import configure_logging
+
+    configure_logging(settings)
+
+
 def _serve_api(
     uvicorn: Any, settings: Settings, host: str | None, port: int | None, workers: int
 ) -> None:
+    from keystone_core.logs import logging_config
+
     uvicorn.run(
         "keystone_api.app:create_app",
         factory=True,
@@ -96,6 +106,10 @@ def _serve_api(
         ws_ping_interval=WS_PING_INTERVAL_S,
         ws_ping_timeout=WS_PING_TIMEOUT_S,
         log_level=settings.log_level.lower(),
+        # The same formatter for uvicorn's own lines (in every worker); its access log is
+        # off because the middleware writes one line per request with the request id.
+        log_config=logging_config(settings.log_level, settings.log_format),
+        access_log=False,
         proxy_headers=True,
     )
 
@@ -114,7 +128,9 @@ def metrics_exporter(
 
     from keystone_core.settings import get_settings
 
-    directory = get_settings().prometheus_multiproc_dir
+    settings = get_settings()
+    _configure_logging(settings)
+    directory = settings.prometheus_multiproc_dir
     if directory is None or not directory.is_dir():
         err.print(
             "[bold red]error:[/] set PROMETHEUS_MULTIPROC_DIR to the directory the "
@@ -133,9 +149,15 @@ def metrics_exporter(
 def cloud_receiver(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8100,
+    log_format: Annotated[str, typer.Option(help="Log lines: json or text.")] = "json",
 ) -> None:
     """Serve the reference cloud receiver (docs/sync.md); settings: KEYSTONE_RECEIVER_*."""
     import uvicorn
+
+    from keystone_core.logs import logging_config
+
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("use json or text", param_hint="--log-format")
 
     from keystone_receiver.app import create_app, open_backends
     from keystone_receiver.errors import ReceiverError
@@ -157,6 +179,9 @@ def cloud_receiver(
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
+        log_config=logging_config(
+            settings.log_level, "text" if log_format == "text" else "json", access_log=True
+        ),
         proxy_headers=True,
     )
 
@@ -171,6 +196,7 @@ def migrate(
     from keystone_core.settings import get_settings
 
     settings = get_settings()
+    _configure_logging(settings)
     engine = create_db_engine(settings)
     try:
         migrations.upgrade(engine, lock_dir=settings.data_dir, revision=revision)
@@ -202,6 +228,7 @@ def retention(
     from keystone_core.storage import create_s3_client
 
     settings = get_settings()
+    _configure_logging(settings)
     engine = create_db_engine(settings)
     try:
         report = retention_service.expire(
@@ -430,6 +457,7 @@ def qa(
         err.print(f"[red]--tier must be fast, thorough or auto, not {tier!r}[/red]")
         raise typer.Exit(2)
     settings = load_settings()
+    _configure_logging(settings)
     source: Source
     try:
         if target.startswith("s3://"):

@@ -129,7 +129,65 @@ class Settings(BaseSettings):
         10, ge=1, le=10_000, description="Sign-in attempts per client IP and per account."
     )
     metrics_token: SecretStr | None = Field(None, description="If set, /metrics needs it.")
+    # prometheus-client's own variable (read by the library at import, hence no prefix).
+    prometheus_multiproc_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description=(
+            "Directory shared by every process of one host (API workers, Dagster runs) for "
+            "prometheus-client's multiprocess mode; `keystone api --workers N` sets one up."
+        ),
+    )
+    metrics_state_cache_s: float = Field(
+        5.0, ge=0, le=300, description="How long /metrics reuses one reading of the DB state."
+    )
+
+    # --- alert rules (docs/observability.md; docs/alerts/keystone.rules.yml) -------------
+    alerts_interval_s: int = Field(
+        60, ge=10, le=3600, description="How often the alerts sensor evaluates the rules."
+    )
+    alert_upload_queue_max: int = Field(
+        5, ge=0, description="Warn when more tasks than this are in `uploading`."
+    )
+    alert_qa_failure_rate: float = Field(
+        0.10, ge=0, le=1, description="Warn when the last hour's QA failure rate exceeds this."
+    )
+    alert_qa_min_results: int = Field(
+        10, ge=1, description="QA results in the hour below which the rate is not judged."
+    )
+    alert_no_uploads_minutes: int = Field(
+        30, ge=1, description="Critical after this long without uploads in production hours."
+    )
+    alert_sync_queue_max: int = Field(
+        100, ge=0, description="Warn when more sync jobs than this have work left."
+    )
+    alert_sync_failed_max: int = Field(
+        0, ge=0, description="Warn when more sync jobs than this are `failed`."
+    )
+    alert_stuck_leases_max: int = Field(
+        0, ge=0, description="Warn when more claims than this hold an expired lease."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description=(
+            "`json`: one JSON object per line (ts, level, logger, message, request_id, …) "
+            "for log collectors; `text`: one readable line (`keystone dev` uses it)."
+        ),
+    )
+    health_require_dagster: bool = Field(
+        True,
+        description=(
+            "`/api/v1/health` reports the Dagster daemon's heartbeat (503 when it is stale); "
+            "false for an API that runs without Dagster."
+        ),
+    )
+    dagster_heartbeat_max_age_s: int = Field(
+        180,
+        ge=60,
+        le=86_400,
+        description="The daemon is `down` in /health when its last heartbeat is older.",
+    )
 
     # --- Axon devices ---------------------------------------------------------------
     device_base_url: str | None = Field(
@@ -145,7 +203,16 @@ class Settings(BaseSettings):
         24 * 60, ge=1, le=7 * 24 * 60, description="Longest enrollment window an admin may open."
     )
     registration_rate_per_minute: int = Field(
-        30, ge=1, le=10_000, description="Device registrations per client IP and per factory."
+        30,
+        ge=1,
+        le=10_000,
+        description="Device registrations per client IP (a factory takes ten times this).",
+    )
+    config_download_rate_per_minute: int = Field(
+        300,
+        ge=1,
+        le=100_000,
+        description="Config-template downloads (axon-config, no credentials) per client IP.",
     )
     device_s3_credentials: Literal["iam", "shared", "none"] = Field(
         "iam",
@@ -283,6 +350,38 @@ class Settings(BaseSettings):
             "Expire edge objects this many days after a verified sync; empty (default) keeps "
             "them forever."
         ),
+    )
+
+    # --- webhooks (docs/webhooks.md) -----------------------------------------------------
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="One webhook POST: connect, send and each read."
+    )
+    webhook_max_attempts: int = Field(
+        10, ge=1, le=100, description="Tries of one delivery before it is failed."
+    )
+    webhook_backoff_base_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="First retry delay; doubles per attempt up to the cap, with jitter.",
+    )
+    webhook_backoff_cap_s: float = Field(
+        1800.0, gt=0, le=86400, description="Longest delay between two tries of a delivery."
+    )
+    webhook_disable_after: int = Field(
+        25,
+        ge=1,
+        le=10_000,
+        description="Consecutive failed attempts after which a webhook is disabled.",
+    )
+    webhook_workers: int = Field(
+        4, ge=1, le=64, description="Endpoints one deliver_webhooks run posts to in parallel."
+    )
+    webhook_batch_max: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Outbox events fanned out, and deliveries claimed, per pass of a run.",
     )
 
     @field_validator("s3_public_endpoint_url")

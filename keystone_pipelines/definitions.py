@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dagster import Definitions, in_process_executor
 
+from keystone_pipelines.defs.alerts import alerts_sensor
+from keystone_pipelines.defs.health import keystone_heartbeat_sensor
 from keystone_pipelines.defs.maintenance import (
     prune_device_feed,
     prune_device_feed_schedule,
@@ -22,6 +24,11 @@ from keystone_pipelines.defs.sync import (
     sync_safety_schedule,
 )
 from keystone_pipelines.defs.uploads import pending_verification_sensor, verify_uploads
+from keystone_pipelines.defs.webhooks import (
+    deliver_webhooks,
+    outbox_safety_schedule,
+    outbox_sensor,
+)
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 defs = Definitions(
@@ -36,18 +43,23 @@ defs = Definitions(
         sync_batch,
         resync,
         edge_retention,
+        deliver_webhooks,
     ],
     sensors=[
+        keystone_heartbeat_sensor,
+        alerts_sensor,
         pending_verification_sensor,
         pending_qa_sensor,
         orphan_upload_sensor,
         due_sync_sensor,
+        outbox_sensor,
     ],
     schedules=[
         release_expired_leases_schedule,
         prune_device_feed_schedule,
         sync_safety_schedule,
         edge_retention_schedule,
+        outbox_safety_schedule,
     ],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
     # Every job here is one op (or one asset) that parallelises inside itself; a process

@@ -84,6 +84,9 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
         "database_url": f"sqlite:///{tmp_path / 'keystone.db'}",
         "secret_key": "test-secret-key-with-enough-length-0123456789",
         "admin_password": "test-admin-password",
+        # No Dagster daemon beats in these tests (tests/integration/test_health_heartbeat.py
+        # turns it on).
+        "health_require_dagster": False,
     }
     values.update(overrides)
     return load_settings(**values)

@@ -3,10 +3,12 @@
 from fastapi import APIRouter
 
 from keystone_api.routers import (
+    alerts,
     audit,
     auth,
     callbacks,
     catalog,
+    dashboard,
     devices,
     episodes,
     health,
@@ -19,8 +21,10 @@ from keystone_api.routers import (
     recorder,
     robots,
     stations,
+    statistics,
     sync,
     transfer,
+    webhooks,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -33,13 +37,18 @@ ROUTERS: tuple[APIRouter, ...] = (
     people.router,
     catalog.router,
     audit.router,
+    alerts.router,
     production.router,
     episodes.router,
     qa.router,
     inspections.router,
     sync.router,
+    dashboard.router,
+    statistics.admin,
+    statistics.operator,
     devices.router,
     callbacks.router,
     recorder.router,
     transfer.router,
+    webhooks.router,
 )

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND
 from keystone_api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_engine
 from keystone_api.errors import ErrorBody
-from keystone_api.ratelimits import REGISTRATION, client_ip, hit
+from keystone_api.ratelimits import REGISTRATION, REGISTRATION_FACTORY, client_ip, hit
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.db import session_scope
 from keystone_core.models import EnrollmentWindow
@@ -244,7 +244,9 @@ def register(
     engine: Annotated[Engine, Depends(get_engine)],
 ) -> dict[str, Any]:
     ip = client_ip(request)
-    hit(request, REGISTRATION, f"ip:{ip}", f"factory:{body.factory.strip().lower()}")
+    # Per address first: a refused request does not count against the factory.
+    hit(request, REGISTRATION, f"ip:{ip}")
+    hit(request, REGISTRATION_FACTORY, f"factory:{body.factory.strip().lower()}")
     links = devices.endpoints(settings, str(request.base_url))
     issued_key_for: str | None = None
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import MISSING, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import ColumnElement
@@ -13,6 +13,7 @@ from sqlmodel import col
 
 from keystone_api.crud import CONFLICT, ERRORS, MAX_OFFSET, NOT_FOUND, add_crud_routes
 from keystone_api.deps import CurrentPrincipal, SessionDep
+from keystone_api.ratelimits import CONFIG_DOWNLOAD, client_ip, hit
 from keystone_api.schemas import IdStr, Page, RowId
 from keystone_core.models import Robot, RobotType
 from keystone_core.services import devices, robots
@@ -223,6 +224,7 @@ _JSON_ERROR: dict[str, Any] = {
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
         404: {"description": "no such robot type, template or device", **_JSON_ERROR},
         422: {"description": "invalid filename or device_id", **_JSON_ERROR},
+        429: {"description": "too many downloads from this address", **_JSON_ERROR},
     },
     name="robot_config.render",
 )
@@ -230,11 +232,14 @@ def get_rendered_config(
     id: RowId,
     filename: Filename,
     session: SessionDep,
+    request: Request,
     device_id: Annotated[
         str | None,
         Query(pattern=DEVICE_ID, description="Fill this robot's identity placeholders."),
     ] = None,
 ) -> PlainTextResponse:
+    # Open without credentials: limited per address (KEYSTONE_CONFIG_DOWNLOAD_RATE_PER_MINUTE).
+    hit(request, CONFIG_DOWNLOAD, f"ip:{client_ip(request)}")
     return PlainTextResponse(robots.rendered_config(session, id, filename, device_id))
 
 

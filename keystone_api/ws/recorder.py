@@ -73,7 +73,10 @@ REPLACEMENTS = Counter(
     ["channel", "rapid"],
 )
 CONNECTIONS = Gauge(
-    "keystone_device_connections", "Device sockets held by this worker", ["channel"]
+    "keystone_device_connections",
+    "Device sockets held (summed over live workers in multiprocess mode)",
+    ["channel"],
+    multiprocess_mode="livesum",
 )
 RPCS = Counter("keystone_recorder_rpcs_total", "Recorder RPCs by outcome", ["action", "outcome"])
 

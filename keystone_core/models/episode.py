@@ -91,7 +91,11 @@ class Inspection(Timestamped, table=True):
     """A human review: claimed under a lease, then decided; history is kept."""
 
     __tablename__ = "inspections"
-    __table_args__ = (Index("ix_inspections_episode_decided", "episode_id", "decided_at"),)
+    __table_args__ = (
+        Index("ix_inspections_episode_decided", "episode_id", "decided_at"),
+        # Quality dashboard: decisions per inspector and day in a time range.
+        Index("ix_inspections_decided", "decided_at"),
+    )
 
     id: int | None = id_field()
     episode_id: int = fk_field("episodes.id")

@@ -67,6 +67,9 @@ class Task(SoftDeleted, table=True):
     __table_args__ = (
         Index("ix_tasks_factory_status", "factory_id", "status"),
         Index("ix_tasks_batch_status", "batch_id", "status"),
+        # Dashboards: tasks assigned and completed per local day (trend, "today").
+        Index("ix_tasks_factory_assigned", "factory_id", "assigned_at"),
+        Index("ix_tasks_factory_completed", "factory_id", "completed_at"),
     )
 
     id: int | None = id_field()

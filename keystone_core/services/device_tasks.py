@@ -49,6 +49,7 @@ from keystone_core.services.devices import (
     DeviceIdentity,
     authenticate_device_token,
 )
+from keystone_core.services.outbox import emit_task_completed
 from keystone_core.services.presence import record_event
 from keystone_core.settings import Settings
 from keystone_core.states import TASK, transition_task
@@ -106,7 +107,8 @@ def advance_task(session: Session, task: Task, target: TaskStatus, **values: Any
     """Move ``task`` forward to ``target`` through the allowed edges; never backwards.
 
     A task already at or past ``target`` (or final) is left alone: late and repeated
-    device signals are normal. ``values`` are set with the last step.
+    device signals are normal. ``values`` are set with the last step. Reaching
+    ``completed`` writes the ``task.completed`` outbox event in the same transaction.
     """
     assert task.id is not None
     before = task.status
@@ -126,6 +128,8 @@ def advance_task(session: Session, task: Task, target: TaskStatus, **values: Any
             transition_task(session, task.id, step, expected={current}, values=changes)
         except TransitionConflict:
             continue  # somebody else moved it; look again
+        if step is TaskStatus.COMPLETED:
+            emit_task_completed(session, task.id)
     session.refresh(task)
     return Advance(task=task, before=before, after=task.status)
 

@@ -6,7 +6,8 @@ Claims and decisions lock the episode row first, so two inspectors racing for th
 episode are served one after the other — one wins, the other gets 409 ``claimed``. A
 decision moves the episode through the state machine (``needs_inspection →
 inspector_approved | rejected``), counts an approval on the order in the same
-transaction, closes the claim and is audited; the inspection rows keep the history.
+transaction, writes its ``episode.approved`` / ``episode.rejected`` outbox event, closes
+the claim and is audited; the inspection rows keep the history.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from keystone_core.models import (
     SyncTarget,
 )
 from keystone_core.services.audit import Actor, record_audit
+from keystone_core.services.outbox import EventType, emit_episode_event
 from keystone_core.services.production import record_approval
 from keystone_core.services.scope import Scope
 from keystone_core.states import transition_episode
@@ -229,8 +231,23 @@ def decide(
         expected={EpisodeStatus.NEEDS_INSPECTION},
         values={"approved_at": now} if approved else None,
     )
+    decided = {"decided_by": str(user_id), "reason": reason[:500], "failed_tags": failed_tags}
     if approved:
-        record_approval(session, episode_id, sync_target=sync_target)
+        record_approval(
+            session,
+            episode_id,
+            sync_target=sync_target,
+            details=decided,
+            request_id=actor.request_id,
+        )
+    else:
+        emit_episode_event(
+            session,
+            EventType.EPISODE_REJECTED,
+            episode_id,
+            request_id=actor.request_id,
+            **decided,
+        )
     record_audit(
         session,
         actor,

@@ -39,6 +39,7 @@ from keystone_core.services.crud import (
     snapshot,
     update_row,
 )
+from keystone_core.services.outbox import EventType, emit_episode_event, emit_order_completed
 from keystone_core.services.scope import Scope
 from keystone_core.services.sync import enqueue as enqueue_sync
 from keystone_core.states import (
@@ -219,6 +220,8 @@ def change_order_status(
     """Move the order to ``target``; cancelling it also cancels its open batches and tasks."""
     get_row(session, ORDERS, scope, order_id, for_update=True)
     before = transition_order(session, order_id, target, actor=actor)
+    if target is OrderStatus.COMPLETED:
+        emit_order_completed(session, order_id)
     cancelled_batches: list[int] = []
     if target is OrderStatus.CANCELLED:
         open_batches = session.execute(
@@ -273,6 +276,7 @@ def complete_order_if_done(session: Session, order_id: int) -> bool:
         OrderStatus.COMPLETED,
         expected={OrderStatus.IN_PROGRESS, OrderStatus.PAUSED},
     )
+    emit_order_completed(session, order_id)
     return True
 
 
@@ -801,19 +805,36 @@ def record_verified_upload(session: Session, episode_id: int) -> None:
     _expire(session, Batch, batch_id)
 
 
-def record_approval(session: Session, episode_id: int, *, sync_target: SyncTarget | None) -> bool:
-    """Count an approved episode on its order, complete the order at its target and queue
-    the episode's cloud sync (``sync_target`` None: sync is off).
+def record_approval(
+    session: Session,
+    episode_id: int,
+    *,
+    sync_target: SyncTarget | None,
+    details: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
+) -> bool:
+    """Count an approved episode on its order, complete the order at its target, queue
+    the episode's cloud sync (``sync_target`` None: sync is off) and write its
+    ``episode.approved`` event (``details`` added to the payload, e.g. the inspector;
+    ``request_id``: the request that caused it, when not the one being served).
 
     Call it once, in the transaction that moved the episode into ``auto_approved`` or
     ``inspector_approved`` (that conditional transition is what makes it happen once), so
-    the sync job commits with the approval — there is no approved episode without a job.
-    Any other status (rejected, failed, pending) is not counted: returns False.
+    the sync job and the event commit with the approval — there is no approved episode
+    without a job. Any other status (rejected, failed, pending) is not counted: returns
+    False.
     """
     status, order_id, _batch_id = _episode_parents(session, episode_id)
     if status not in APPROVED:
         return False
-    enqueue_sync(session, episode_id, sync_target)
+    enqueue_sync(session, episode_id, sync_target, request_id=request_id)
+    emit_episode_event(
+        session,
+        EventType.EPISODE_APPROVED,
+        episode_id,
+        request_id=request_id,
+        **dict(details or {}),
+    )
     # The UPDATE takes the order row lock, which complete_order_if_done relies on.
     session.execute(
         update(Order)

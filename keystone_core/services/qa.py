@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import or_, update
 from sqlmodel import Session, col, func, select
 
-from keystone_core import clock
+from keystone_core import clock, metrics
 from keystone_core.errors import NotFoundError, TransitionConflict
 from keystone_core.models import (
     Episode,
@@ -39,8 +39,10 @@ from keystone_core.qa.checks import Check, Expectations, QAConfig
 from keystone_core.qa.inventory import Limits
 from keystone_core.qa.run import AUTO, THOROUGH, Report, assess
 from keystone_core.qa.source import S3Source, SourceError
+from keystone_core.request_context import current_request_id
 from keystone_core.services import previews
 from keystone_core.services.audit import Actor
+from keystone_core.services.outbox import EventType, emit_episode_event
 from keystone_core.services.production import APPROVED, record_approval
 from keystone_core.services.sync import target_of as sync_target_of
 from keystone_core.settings import Settings
@@ -99,6 +101,23 @@ def backlog(session: Session) -> int:
                 or_(col(Episode.qa_not_before).is_(None), col(Episode.qa_not_before) <= now),
             )
         ).one()
+    )
+
+
+def waiting_request_ids(session: Session, limit: int) -> list[str | None]:
+    """``qa_request_id`` of the first ``limit`` waiting episodes in the order :func:`claim`
+    takes them (None where no request asked): what the sensor tags each run with."""
+    now = clock.now()
+    return list(
+        session.exec(
+            select(Episode.qa_request_id)
+            .where(
+                Episode.status == EpisodeStatus.PENDING_QA,
+                or_(col(Episode.qa_not_before).is_(None), col(Episode.qa_not_before) <= now),
+            )
+            .order_by(col(Episode.id))
+            .limit(limit)
+        ).all()
     )
 
 
@@ -210,9 +229,10 @@ def record(
     preview: dict[str, Any] | None = None,
 ) -> bool:
     """Store a result and move the episode to its verdict (an approval queues its cloud
-    sync to ``sync_target`` in the same transaction). False when the lease was lost (the
-    result is discarded: a newer run owns the episode). ``preview``: what
-    ``publish_previews`` stored, kept as ``episode.meta["preview"]``."""
+    sync to ``sync_target`` in the same transaction; every verdict writes its outbox
+    event: ``episode.approved``, ``.needs_inspection``, ``.qa_failed``). False when the
+    lease was lost (the result is discarded: a newer run owns the episode). ``preview``:
+    what ``publish_previews`` stored, kept as ``episode.meta["preview"]``."""
     episode = _holds(session, episode_id, owner)
     if episode is None:
         return False
@@ -247,9 +267,37 @@ def record(
     transition_episode(
         session, episode_id, verdict, expected={EpisodeStatus.QA_RUNNING}, values=values
     )
+    # The request that asked for this QA run (a rerun), if any, caused the event.
+    cause = episode.qa_request_id
     if verdict == EpisodeStatus.AUTO_APPROVED:
-        record_approval(session, episode_id, sync_target=sync_target)
+        record_approval(
+            session,
+            episode_id,
+            sync_target=sync_target,
+            details=_verdict(report),
+            request_id=cause,
+        )
+    elif verdict in VERDICT_EVENTS:
+        emit_episode_event(
+            session, VERDICT_EVENTS[verdict], episode_id, request_id=cause, **_verdict(report)
+        )
     return True
+
+
+# The outbox event of each QA verdict (an approval's comes from record_approval).
+VERDICT_EVENTS = {
+    EpisodeStatus.NEEDS_INSPECTION: EventType.EPISODE_NEEDS_INSPECTION,
+    EpisodeStatus.QA_FAILED: EventType.EPISODE_QA_FAILED,
+}
+
+
+def _verdict(report: Report) -> dict[str, Any]:
+    """What an event says about a QA result: tier, hard failure, the failing checks' names."""
+    return {
+        "qa_tier": report.tier,
+        "hard_failure": report.hard_failure,
+        "failing_checks": [c.name for c in report.failing()][:20],
+    }
 
 
 def _plain(check: Check) -> dict[str, Any]:
@@ -311,6 +359,16 @@ def record_unreadable_object(
         expected={EpisodeStatus.QA_RUNNING},
         values={**lease, "qa_score": 0.0, "quality_flag": "object"},
     )
+    emit_episode_event(
+        session,
+        EventType.EPISODE_QA_FAILED,
+        episode_id,
+        request_id=episode.qa_request_id,
+        qa_tier="fast",
+        hard_failure=True,
+        failing_checks=["object"],
+        reason=reason[:500],
+    )
     return "qa_failed"
 
 
@@ -325,7 +383,9 @@ def requeue(
     """Send scored episodes back to ``pending_qa`` (audited); ids actually requeued.
 
     An approved episode leaves the order's ``approved_count`` until it is approved again.
-    Episodes waiting or being scored already are left as they are."""
+    Episodes waiting or being scored already are left as they are. ``qa_request_id``
+    becomes the request being served (None outside one): the sensor tags the run with it
+    and the verdict's event names it."""
     if tier is not None and tier not in TIERS:
         raise ValueError(f"unknown QA tier {tier!r}")
     done: list[int] = []
@@ -339,7 +399,12 @@ def requeue(
                 requeue=True,
                 actor=actor,
                 reason=reason,
-                values={"qa_tier": tier, "qa_attempts": 0, "qa_not_before": None},
+                values={
+                    "qa_tier": tier,
+                    "qa_attempts": 0,
+                    "qa_not_before": None,
+                    "qa_request_id": current_request_id(),
+                },
             )
         except TransitionConflict:
             continue
@@ -360,13 +425,18 @@ def _uncount_approval(session: Session, episode_id: int) -> None:
 
 
 def request_tier(session: Session, episode_id: int, tier: str) -> None:
-    """Ask for a tier on an episode that is already waiting."""
+    """Ask for a tier on an episode that is already waiting (inside a request, that
+    request becomes the one the run serves)."""
     if tier not in TIERS:
         raise ValueError(f"unknown QA tier {tier!r}")
+    request_id = current_request_id()
+    values: dict[str, Any] = {"qa_tier": tier}
+    if request_id is not None:
+        values["qa_request_id"] = request_id
     session.execute(
         update(Episode)
         .where(col(Episode.id) == episode_id, col(Episode.status) == EpisodeStatus.PENDING_QA)
-        .values(qa_tier=tier)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
 
@@ -540,6 +610,8 @@ def score_batch(
                         row["preview"] = {"bucket": job.bucket, **preview}
             if verdict not in ("retry", "lost_lease"):
                 outcome.verdicts[verdict] = outcome.verdicts.get(verdict, 0) + 1
+                seconds = (clock.now() - begun).total_seconds()
+                metrics.observe_qa_result(verdict, str(row.get("tier", "fast")), seconds)
             outcome.rows.append(row)
             outcome.partitions.setdefault((job.factory_id, job.recording_date), []).append(row)
             if log and verdict != "auto_approved":  # the approved ones are in the summary

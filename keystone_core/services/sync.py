@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, func, select
 
-from keystone_core import clock
+from keystone_core import clock, metrics
 from keystone_core.errors import ConflictError, NotFoundError
 from keystone_core.models import (
     Episode,
     EpisodeStatus,
     Factory,
-    OutboxEvent,
     QAResult,
     SyncAttempt,
     SyncJob,
@@ -41,7 +40,9 @@ from keystone_core.models import (
     SyncTarget,
     Task,
 )
+from keystone_core.request_context import current_request_id
 from keystone_core.services.audit import Actor, record_audit
+from keystone_core.services.outbox import EventType, emit
 from keystone_core.services.scope import Scope
 from keystone_core.states import transition_sync
 from keystone_core.sync.targets import Receipt, Target
@@ -74,11 +75,19 @@ def backoff_seconds(attempt: int, base: float, rng: random.Random | None = None)
 # --- enqueue ------------------------------------------------------------------------------
 
 
-def enqueue(session: Session, episode_id: int, target: SyncTarget | None) -> SyncJob | None:
+def enqueue(
+    session: Session,
+    episode_id: int,
+    target: SyncTarget | None,
+    *,
+    request_id: str | None = None,
+) -> SyncJob | None:
     """Queue the sync of an approved episode (idempotent: an existing job is kept).
 
     Call it in the transaction that approves the episode. ``target`` None (sync off)
-    queues nothing; ``POST /sync/episodes`` catches up once sync is turned on.
+    queues nothing; ``POST /sync/episodes`` catches up once sync is turned on. The job
+    remembers the request that queued it (``request_id``, else the one being served) until
+    a run claims it: the sensor tags that run with it.
     """
     if target is None:
         return None
@@ -88,7 +97,12 @@ def enqueue(session: Session, episode_id: int, target: SyncTarget | None) -> Syn
     if existing is not None:
         return existing
     factory_id = session.exec(select(Episode.factory_id).where(col(Episode.id) == episode_id)).one()
-    job = SyncJob(episode_id=episode_id, factory_id=factory_id, target=target)
+    job = SyncJob(
+        episode_id=episode_id,
+        factory_id=factory_id,
+        target=target,
+        request_id=request_id or current_request_id(),
+    )
     session.add(job)
     session.flush()
     return job
@@ -101,6 +115,19 @@ def _due(now: dt.datetime) -> ColumnElement[bool]:
     return and_(
         col(SyncJob.status).in_([s.value for s in WAITING]),
         or_(col(SyncJob.next_attempt_at).is_(None), col(SyncJob.next_attempt_at) <= now),
+    )
+
+
+def due_request_ids(session: Session, target: SyncTarget, limit: int) -> list[str | None]:
+    """The ``request_id`` of the first ``limit`` due jobs in the order :func:`claim` takes
+    them (None for a job no request queued): what the sensor tags each run with."""
+    return list(
+        session.exec(
+            select(SyncJob.request_id)
+            .where(_due(clock.now()), col(SyncJob.target) == target)
+            .order_by(col(SyncJob.next_attempt_at), col(SyncJob.id))
+            .limit(limit)
+        ).all()
     )
 
 
@@ -189,6 +216,7 @@ def claim(
                     "lease_owner": owner,
                     "lease_expires_at": now + lease,
                     "attempt_count": attempt_no,
+                    "request_id": None,  # served: later retries were not asked for
                 },
             )
         else:
@@ -354,7 +382,9 @@ def _close_attempt(
     error: str = "",
     http_status: int | None = None,
     bytes_sent: int = 0,
+    target: str = "",
 ) -> None:
+    metrics.observe_sync_attempt(target, outcome)
     session.execute(
         update(SyncAttempt)
         .where(col(SyncAttempt.id) == attempt_id, col(SyncAttempt.finished_at).is_(None))
@@ -432,18 +462,24 @@ def record_synced(session: Session, work: SyncWork, receipt: Receipt, *, owner: 
         work.attempt_id,
         outcome="duplicate" if receipt.duplicate else "synced",
         bytes_sent=receipt.bytes_sent,
+        target=str(job.target),
     )
-    session.add(
-        OutboxEvent(
-            event_type="episode.synced",
-            factory_id=job.factory_id,
-            payload={
-                "episode_id": work.episode_id,
-                "target": str(job.target),
-                "destination": receipt.destination,
-                "synced_at": receipt.synced_at.isoformat(),
-            },
-        )
+    approved_at = session.exec(
+        select(Episode.approved_at).where(col(Episode.id) == job.episode_id)
+    ).one_or_none()
+    metrics.observe_synced(approved_at, receipt.synced_at)
+    emit(
+        session,
+        EventType.EPISODE_SYNCED,
+        {
+            "episode_id": work.episode_id,
+            "episode_row_id": str(work.episode_pk),
+            "task_id": work.task_id,
+            "target": str(job.target),
+            "destination": receipt.destination[:1024],
+            "synced_at": clock.as_utc(receipt.synced_at).isoformat(),
+        },
+        factory_id=job.factory_id,
     )
     return True
 
@@ -483,6 +519,7 @@ def record_failure(
             error=error,
             http_status=failure.http_status,
             bytes_sent=bytes_sent,
+            target=str(job.target),
         )
         return SyncStatus.RETRY_WAIT.value
     _fail(session, job, error, now, bytes_sent=bytes_sent)
@@ -493,6 +530,7 @@ def record_failure(
         error=error,
         http_status=failure.http_status,
         bytes_sent=bytes_sent,
+        target=str(job.target),
     )
     return SyncStatus.FAILED.value
 
@@ -519,12 +557,17 @@ def _fail(
         "attempts": job.attempt_count,
         "error": error,
     }
-    session.add(
-        OutboxEvent(
-            event_type="alert.raised",
-            factory_id=job.factory_id,
-            payload={"alert": "sync_failed", "severity": "warning", **details},
-        )
+    emit(
+        session,
+        EventType.ALERT_RAISED,
+        {
+            "alert": "sync_failed",
+            "severity": "warning",
+            **details,
+            "sync_job_id": str(job.id),
+            "error": error[:500],
+        },
+        factory_id=job.factory_id,
     )
     record_audit(
         session,
@@ -711,6 +754,7 @@ def _requeue(session: Session, job: SyncJob, actor: Actor, reason: str) -> None:
             "progress": {},
             "lease_owner": None,
             "lease_expires_at": None,
+            "request_id": current_request_id(),
         },
     )
 

@@ -26,7 +26,7 @@ from mcap.reader import make_reader
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from keystone_core import clock
+from keystone_core import clock, metrics
 from keystone_core.models import DeviceUpload, Episode, Task, TaskStatus, TransferStatus
 from keystone_core.services import presence
 from keystone_core.services.device_tasks import advance_task, device_task, fail_task
@@ -663,6 +663,8 @@ def mark_acked(session: Session, device: DeviceIdentity, task_id: str) -> None:
     """The ACK went out: count it, and the task is ``completed`` (verified and ACKed)."""
     row = _upload(session, device, task_id)
     now = clock.now()
+    if row.ack_count == 0:
+        metrics.observe_ack(row.checked_at, now)
     row.acked_at = now
     row.ack_count += 1
     _save(session, row)

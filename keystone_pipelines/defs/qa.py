@@ -56,7 +56,7 @@ from keystone_core.services.episode_links import presign_get
 from keystone_core.services.episodes import release_expired_qa_leases
 from keystone_core.settings import Settings
 from keystone_core.storage import create_presign_client
-from keystone_pipelines.defs.runs import batch_run_requests
+from keystone_pipelines.defs.runs import batch_run_requests, logged_in_run
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "qa", "keystone/kind": "qa"}
@@ -199,6 +199,7 @@ def _log_partitions(
         )
 
 
+@logged_in_run
 def _claim_and_score(
     context: OpExecutionContext | AssetExecutionContext,
     database: KeystoneDatabase,
@@ -208,7 +209,8 @@ def _claim_and_score(
     episode_ids: list[int] | None = None,
 ) -> qa_service.BatchOutcome:
     """Claim up to ``limit`` waiting episodes (of ``episode_ids`` when given) under this
-    run's lease and score them ``KEYSTONE_QA_WORKERS`` at a time."""
+    run's lease and score them ``KEYSTONE_QA_WORKERS`` at a time (Keystone's log lines
+    name the run and its ``keystone/request_id``)."""
     settings = database.settings
     with database.session() as session:
         jobs = qa_service.claim(
@@ -371,6 +373,8 @@ def pending_qa_sensor(
     with database.session() as session:
         released = release_expired_qa_leases(session)
         waiting = qa_service.backlog(session)
+        size = batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max)
+        request_ids = qa_service.waiting_request_ids(session, MAX_QA_RUNS * size) if waiting else []
     if released:
         context.log.info(
             "returned %d episode(s) with expired QA leases to pending_qa", len(released)
@@ -382,7 +386,8 @@ def pending_qa_sensor(
         job_name="qa_batch",
         op_name="score_pending_episodes",
         waiting=waiting,
-        size=batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max),
+        size=size,
         max_runs=MAX_QA_RUNS,
         tags={**POOL_TAGS, "keystone/waiting": str(waiting)},
+        request_ids=request_ids,
     )

@@ -62,7 +62,7 @@ from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.sync.targets import build_target
 from keystone_pipelines.defs.qa import qa_partitions
-from keystone_pipelines.defs.runs import batch_run_requests, runs_in_flight
+from keystone_pipelines.defs.runs import batch_run_requests, logged_in_run, runs_in_flight
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "sync", "keystone/kind": "sync"}
@@ -129,6 +129,7 @@ def _log_partitions(
         )
 
 
+@logged_in_run
 def _claim_and_push(
     context: OpExecutionContext | AssetExecutionContext,
     database: KeystoneDatabase,
@@ -364,14 +365,22 @@ def due_sync_sensor(
     due = _recover_and_count_due(context, database)
     if isinstance(due, SkipReason):
         return due
+    settings = database.settings
+    target = sync_service.target_of(settings)
+    assert target is not None  # sync off was a SkipReason
+    with database.session() as session:
+        request_ids = sync_service.due_request_ids(
+            session, target, MAX_SYNC_RUNS * settings.sync_batch_max
+        )
     return batch_run_requests(
         context,
         job_name="sync_batch",
         op_name="push_due_episodes",
         waiting=due,
-        size=database.settings.sync_batch_max,
+        size=settings.sync_batch_max,
         max_runs=MAX_SYNC_RUNS,
         tags={**POOL_TAGS, "keystone/due": str(due)},
+        request_ids=request_ids,
     )
 
 

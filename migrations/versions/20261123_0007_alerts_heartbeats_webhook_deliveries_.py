@@ -109,11 +109,18 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('qa_request_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
         batch_op.create_index('ix_episodes_factory_created', ['factory_id', 'created_at'], unique=False)
 
+    with op.batch_alter_table('inspections', schema=None) as batch_op:
+        batch_op.create_index('ix_inspections_decided', ['decided_at'], unique=False)
+
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.add_column(sa.Column('request_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
 
     with op.batch_alter_table('sync_jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('request_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
+
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.create_index('ix_tasks_factory_assigned', ['factory_id', 'assigned_at'], unique=False)
+        batch_op.create_index('ix_tasks_factory_completed', ['factory_id', 'completed_at'], unique=False)
 
     with op.batch_alter_table('webhooks', schema=None) as batch_op:
         batch_op.add_column(sa.Column('description', sqlmodel.sql.sqltypes.AutoString(length=255), server_default='', nullable=False))
@@ -133,11 +140,18 @@ def downgrade() -> None:
         batch_op.drop_column('disabled_reason')
         batch_op.drop_column('description')
 
+    with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.drop_index('ix_tasks_factory_completed')
+        batch_op.drop_index('ix_tasks_factory_assigned')
+
     with op.batch_alter_table('sync_jobs', schema=None) as batch_op:
         batch_op.drop_column('request_id')
 
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_column('request_id')
+
+    with op.batch_alter_table('inspections', schema=None) as batch_op:
+        batch_op.drop_index('ix_inspections_decided')
 
     with op.batch_alter_table('episodes', schema=None) as batch_op:
         batch_op.drop_index('ix_episodes_factory_created')

@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,10 @@ def test_sensor_runs_push_every_approved_episode_once_with_checksums_at_the_targ
     jobs = site.jobs()
     assert all(j.synced_at is not None and j.attempt_count == 1 for j in jobs)
     assert sum(j.bytes_transferred for j in jobs) >= sum(len(d) for d in site.content.values())
-    assert {e.event_type for e in _outbox(site)} == {"episode.synced"}
+    assert Counter(e.event_type for e in _outbox(site)) == {
+        "episode.approved": 12,
+        "episode.synced": 12,
+    }
     outputs = [e for e in run.all_node_events if e.event_type_value == "STEP_OUTPUT"]
     metadata = outputs[0].step_output_data.metadata
     assert metadata["synced"].value == 12

@@ -1,0 +1,1 @@
+"""Webhook wire format shared by the sender and receivers (signing and verification)."""

@@ -1,9 +1,10 @@
 """Webhook delivery in Dagster: the outbox sensor, the deliver_webhooks job, a safety schedule.
 
-* ``outbox_sensor`` looks at the database only (two one-row reads, never a listing): it
-  recovers deliveries whose run died (lease expired) and, while outbox events wait for
-  fan-out or deliveries are due and no ``deliver_webhooks`` run is in flight, requests
-  one. ``outbox_safety_schedule`` does the same every five minutes in case the sensor is
+* ``outbox_sensor`` works in the database only: it recovers deliveries whose run died
+  (lease expired), fans pending outbox events out into deliveries (bounded per tick; an
+  event no webhook wants is just marked dispatched, so it never costs a run) and, while
+  deliveries are due (or events are left) and no ``deliver_webhooks`` run is in flight,
+  requests one. ``outbox_safety_schedule`` does the same every five minutes in case the sensor is
   off.
 * ``deliver_webhooks``'s op fans pending events out to the webhooks that want them, then
   claims due deliveries under a lease naming the run and POSTs them
@@ -44,6 +45,8 @@ from keystone_pipelines.defs.runs import runs_in_flight
 from keystone_pipelines.resources import KeystoneDatabase
 
 JOB_NAME = "deliver_webhooks"
+# Outbox events one sensor or schedule tick fans out (a factory writes a few per second).
+FAN_OUT_PER_TICK = 2000
 RUN_TAGS = {"keystone/kind": "webhooks"}
 OP_RETRY = RetryPolicy(
     max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
@@ -108,9 +111,18 @@ def deliver_webhooks() -> None:
 def _work_waiting(
     context: SensorEvaluationContext | ScheduleEvaluationContext, database: KeystoneDatabase
 ) -> str | SkipReason:
-    """Why a run is wanted (events to fan out, deliveries due), or why not."""
+    """Why a run is wanted (events to fan out, deliveries due), or why not.
+
+    Fan-out is a few SQL statements, so the tick does a bounded share of it itself: events
+    no webhook wants (every event, when none is registered) never cost a run."""
     with database.session() as session:
         recovered = webhook_service.recover_expired(session, database.settings)
+        fanned = webhook_service.fan_out(session, limit=FAN_OUT_PER_TICK)
+    if fanned.events:
+        context.log.info(
+            "fanned out %d outbox events into %d deliveries", fanned.events, fanned.deliveries
+        )
+    with database.session() as session:
         events = webhook_service.has_pending_events(session)
         due = webhook_service.due_count(session)
     if recovered:

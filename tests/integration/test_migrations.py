@@ -20,9 +20,10 @@ from keystone_core import migrate
 from keystone_core.db import create_db_engine
 from keystone_core.errors import DependencyUnavailable, KeystoneError
 from keystone_core.settings import load_settings
-from tests.conftest import mariadb_url, recreate_mariadb_database, unavailable
+from tests.conftest import TEST_DB, mariadb_url, recreate_mariadb_database, unavailable
 
-MIGRATIONS_DB = "keystone_migrations_test"
+# Derived from the session's test database so parallel runs never share it.
+MIGRATIONS_DB = f"{TEST_DB}_migrations"
 MODEL_TABLES = set(SQLModel.metadata.tables)
 
 

@@ -165,7 +165,7 @@ def configure_logging(settings: Settings) -> None:
 
 def configure_keystone_loggers(settings: Settings) -> None:
     """In a process whose logging belongs to another program (Dagster's run workers and
-    code servers), give only Keystone's own loggers a handler with our formatter, once.
+    code servers), give only Keystone's own loggers a handler with our formatter.
 
     They stop propagating, so a root handler the host program may add does not print a
     second copy; Dagster's ``python_logs.managed_python_loggers`` attaches to the named
@@ -174,8 +174,10 @@ def configure_keystone_loggers(settings: Settings) -> None:
     for name in KEYSTONE_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(settings.log_level)
-        if any(isinstance(h, _KeystoneHandler) for h in logger.handlers):
-            continue
+        # A second configuration replaces the first (its format, level and stream may
+        # differ), so there is always exactly one of our handlers.
+        for old in [h for h in logger.handlers if isinstance(h, _KeystoneHandler)]:
+            logger.removeHandler(old)
         handler = _KeystoneHandler()
         handler.setFormatter(formatter)
         logger.addHandler(handler)

@@ -192,6 +192,24 @@ def test_keystone_loggers_in_a_foreign_process_get_one_handler_each(
     assert not any(logging.getLogger(n).handlers for n in KEYSTONE_LOGGERS)
 
 
+def test_a_later_configuration_replaces_an_earlier_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run process configures Keystone's loggers at every op start; the latest settings
+    # (format, level, the current standard error) must win.
+    configure_keystone_loggers(make_settings(tmp_path, log_format="json", log_level="INFO"))
+    configure_keystone_loggers(make_settings(tmp_path, log_format="text", log_level="WARNING"))
+    for name in KEYSTONE_LOGGERS:
+        assert len(logging.getLogger(name).handlers) == 1
+    logging.getLogger("keystone_core.y").warning("latest wins")
+    logging.getLogger("keystone_core.y").info("below the level")
+    err = capsys.readouterr().err
+    assert "latest wins" in err
+    assert not err.lstrip().startswith("{")  # text, not JSON
+    assert "below the level" not in err
+    logging.config.dictConfig(logging_config("INFO", "json"))
+
+
 def test_log_format_is_a_setting_with_two_values() -> None:
     assert load_settings().log_format == "json"
     assert load_settings(log_format="text").log_format == "text"

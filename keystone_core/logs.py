@@ -16,6 +16,7 @@ the run's work.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import logging.config
@@ -41,7 +42,19 @@ _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None)._
 _FIRST = ("ts", "level", "logger", "message", "request_id")
 
 _run_fields: Mapping[str, str] = {}
+# The active run_log_fields blocks, oldest first: blocks of concurrent threads (two runs
+# executed in one process, as tests do) may end in any order, so each removes only its own.
+_run_blocks: dict[int, Mapping[str, str]] = {}
+_run_block_ids = itertools.count()
 _run_fields_lock = threading.Lock()
+
+
+def _merge_run_blocks() -> None:
+    global _run_fields
+    merged: dict[str, str] = {}
+    for block in _run_blocks.values():
+        merged.update(block)
+    _run_fields = merged
 
 
 @contextmanager
@@ -50,17 +63,18 @@ def run_log_fields(**fields: str | None) -> Iterator[None]:
     block runs — threads started inside it included, which a ContextVar would miss.
 
     For a process that does one unit of work at a time: a Dagster run (Keystone's jobs
-    use the in-process executor, one run per process). The previous fields come back
-    after the block."""
-    global _run_fields
+    use the in-process executor, one run per process). When blocks overlap, the newest
+    block's values win, and each block's fields leave with it."""
+    block = next(_run_block_ids)
     with _run_fields_lock:
-        previous = _run_fields
-        _run_fields = {**previous, **{k: v for k, v in fields.items() if v is not None}}
+        _run_blocks[block] = {k: v for k, v in fields.items() if v is not None}
+        _merge_run_blocks()
     try:
         yield
     finally:
         with _run_fields_lock:
-            _run_fields = previous
+            _run_blocks.pop(block, None)
+            _merge_run_blocks()
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from keystone_core.logs import (
     TextFormatter,
     configure_keystone_loggers,
     logging_config,
+    record_fields,
     run_log_fields,
 )
 from keystone_core.request_context import bound_request_id
@@ -208,6 +209,23 @@ def test_a_later_configuration_replaces_an_earlier_one(
     assert not err.lstrip().startswith("{")  # text, not JSON
     assert "below the level" not in err
     logging.config.dictConfig(logging_config("INFO", "json"))
+
+
+def test_overlapping_run_blocks_leave_no_fields_behind_whatever_order_they_end_in() -> None:
+    # Two runs executed in one process (threads, as the tests do) end in any order: each
+    # block's fields leave with it, and none outlives both.
+    record = logging.LogRecord("keystone.t", logging.INFO, __file__, 1, "m", None, None)
+    first = run_log_fields(run_id="run-a", request_id="req-a")
+    second = run_log_fields(run_id="run-b")
+    first.__enter__()
+    second.__enter__()
+    assert record_fields(record)["run_id"] == "run-b"  # the newest block wins
+    first.__exit__(None, None, None)  # the older block ends first
+    fields = record_fields(record)
+    assert fields["run_id"] == "run-b"
+    assert "request_id" not in fields
+    second.__exit__(None, None, None)
+    assert "run_id" not in record_fields(record)
 
 
 def test_log_format_is_a_setting_with_two_values() -> None:

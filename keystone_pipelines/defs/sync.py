@@ -2,9 +2,9 @@
 
 * ``due_sync_sensor`` looks at the database only: it recovers jobs whose run died (lease
   expired → ``retry_wait``) and, while jobs are due, launches ``sync_batch`` runs — one per
-  batch, up to ``MAX_SYNC_RUNS`` in flight. ``sync_safety_schedule`` launches one every
-  five minutes if due jobs wait and nothing runs (a sensor that was turned off, a daemon
-  restart).
+  batch, up to the sync pool's limit (dagster.yaml) in flight. ``sync_safety_schedule``
+  launches one every five minutes if due jobs wait and nothing runs (a sensor that was
+  turned off, a daemon restart).
 * ``sync_batch``'s op claims its jobs itself (``FOR UPDATE SKIP LOCKED``, a lease naming
   the run) and pushes them ``KEYSTONE_SYNC_WORKERS`` at a time through the configured
   target. A push that fails for a retryable reason puts its job in ``retry_wait`` with
@@ -62,11 +62,17 @@ from keystone_core.services.audit import Actor
 from keystone_core.services.scope import Scope
 from keystone_core.sync.targets import build_target
 from keystone_pipelines.defs.qa import qa_partitions
-from keystone_pipelines.defs.runs import batch_run_requests, logged_in_run, runs_in_flight
+from keystone_pipelines.defs.runs import (
+    batch_run_requests,
+    logged_in_run,
+    pool_limit,
+    runs_in_flight,
+)
 from keystone_pipelines.resources import KeystoneDatabase, KeystoneObjectStore
 
 POOL_TAGS = {"keystone/pool": "sync", "keystone/kind": "sync"}
-MAX_SYNC_RUNS = 2  # matches dagster.yaml's tag concurrency limit for keystone/pool=sync
+# Runs in flight when the instance sets no limit for keystone/pool=sync (dagster.yaml: 2).
+MAX_SYNC_RUNS = 2
 IN_RUN_RETRIES = 2
 IN_RUN_WAIT_MAX_S = 30.0
 OP_RETRY = RetryPolicy(
@@ -368,17 +374,16 @@ def due_sync_sensor(
     settings = database.settings
     target = sync_service.target_of(settings)
     assert target is not None  # sync off was a SkipReason
+    runs = pool_limit(context.instance, "sync", MAX_SYNC_RUNS)
     with database.session() as session:
-        request_ids = sync_service.due_request_ids(
-            session, target, MAX_SYNC_RUNS * settings.sync_batch_max
-        )
+        request_ids = sync_service.due_request_ids(session, target, runs * settings.sync_batch_max)
     return batch_run_requests(
         context,
         job_name="sync_batch",
         op_name="push_due_episodes",
         waiting=due,
         size=settings.sync_batch_max,
-        max_runs=MAX_SYNC_RUNS,
+        max_runs=runs,
         tags={**POOL_TAGS, "keystone/due": str(due)},
         request_ids=request_ids,
     )

@@ -188,6 +188,15 @@ class Settings(BaseSettings):
         le=86_400,
         description="The daemon is `down` in /health when its last heartbeat is older.",
     )
+    dagster_run_retention_days: int | None = Field(
+        30,
+        ge=1,
+        le=3650,
+        description=(
+            "The daily purge_run_history job deletes finished Dagster runs (with their "
+            "event logs and captured output) older than this; empty keeps them forever."
+        ),
+    )
 
     # --- Axon devices ---------------------------------------------------------------
     device_base_url: str | None = Field(
@@ -383,6 +392,12 @@ class Settings(BaseSettings):
         le=10_000,
         description="Outbox events fanned out, and deliveries claimed, per pass of a run.",
     )
+
+    @field_validator("edge_retention_days", "dagster_run_retention_days", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        # `NAME=` in an env file is how an operator writes "off" for an optional period.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("s3_public_endpoint_url")
     @classmethod

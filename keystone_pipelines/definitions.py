@@ -14,6 +14,7 @@ from keystone_pipelines.defs.maintenance import (
 )
 from keystone_pipelines.defs.orphans import orphan_upload_sensor, repair_orphan_uploads
 from keystone_pipelines.defs.qa import episode_qa, pending_qa_sensor, qa_batch, qa_rerun
+from keystone_pipelines.defs.run_history import purge_run_history, purge_run_history_schedule
 from keystone_pipelines.defs.sync import (
     cloud_sync,
     due_sync_sensor,
@@ -44,6 +45,7 @@ defs = Definitions(
         resync,
         edge_retention,
         deliver_webhooks,
+        purge_run_history,
     ],
     sensors=[
         keystone_heartbeat_sensor,
@@ -60,6 +62,7 @@ defs = Definitions(
         sync_safety_schedule,
         edge_retention_schedule,
         outbox_safety_schedule,
+        purge_run_history_schedule,
     ],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
     # Every job here is one op (or one asset) that parallelises inside itself; a process

@@ -322,6 +322,26 @@ def dev(
     raise typer.Exit(code)
 
 
+@app.command("config-reference")
+def config_reference(
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 if docs/configuration.md is out of date.")
+    ] = False,
+) -> None:
+    """Print the configuration reference (docs/configuration.md) generated from the settings."""
+    from keystone_cli.config_reference import DOC_PATH, render
+
+    text = render()
+    if not check:
+        print(text, end="")
+        return
+    if not DOC_PATH.is_file() or DOC_PATH.read_text(encoding="utf-8") != text:
+        err.print(
+            f"{DOC_PATH} is out of date: run `keystone config-reference > docs/configuration.md`"
+        )
+        raise typer.Exit(1)
+
+
 @app.command("gen-mcap")
 def gen_mcap(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the episode files.")],

@@ -31,7 +31,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    env: Environment = Environment.DEV
+    env: Environment = Field(
+        Environment.DEV,
+        description=(
+            "dev, test or production. production refuses the built-in development secrets "
+            "and change-me placeholders."
+        ),
+    )
     data_dir: Path = Field(Path(".keystone"), description="Local state for the embedded default.")
     database_url: str = Field(
         "sqlite:///.keystone/keystone.db",
@@ -46,21 +52,45 @@ class Settings(BaseSettings):
             "40 worker threads that run database work for one API process."
         ),
     )
-    database_echo: bool = False
+    database_echo: bool = Field(False, description="Log every SQL statement (debugging only).")
     migrate_on_start: bool = Field(True, description="Run migrations when the API starts.")
 
-    secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)
-    jwt_algorithm: str = Field("HS256", pattern=r"^(HS256|HS384|HS512)$")
-    access_token_expire_minutes: int = Field(720, ge=1, le=60 * 24 * 30)
+    secret_key: SecretStr = Field(
+        SecretStr(DEFAULT_SECRET_KEY),
+        description=(
+            "Signs access tokens (and derives per-task callback tokens); at least 32 random "
+            "characters in production. Changing it signs everybody out."
+        ),
+    )
+    jwt_algorithm: str = Field(
+        "HS256", pattern=r"^(HS256|HS384|HS512)$", description="HMAC algorithm of access tokens."
+    )
+    access_token_expire_minutes: int = Field(
+        720, ge=1, le=60 * 24 * 30, description="Lifetime of a person's access token."
+    )
 
-    admin_account: str = Field("admin", min_length=1, max_length=64)
-    admin_password: SecretStr = SecretStr(DEFAULT_ADMIN_PASSWORD)
+    admin_account: str = Field(
+        "admin",
+        min_length=1,
+        max_length=64,
+        description="Bootstrap admin account, created (or its password reset) when the API starts.",
+    )
+    admin_password: SecretStr = Field(
+        SecretStr(DEFAULT_ADMIN_PASSWORD),
+        description="The bootstrap admin's password; must be set in production.",
+    )
 
     s3_endpoint_url: str | None = Field(None, description="Empty means AWS's default endpoint.")
-    s3_access_key: SecretStr | None = None
-    s3_secret_key: SecretStr | None = None
-    s3_region: str = "us-east-1"
-    s3_bucket_prefix: str = Field("edge-", pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$")
+    s3_access_key: SecretStr | None = Field(
+        None, description="Access key of the factory object store (also handed to devices)."
+    )
+    s3_secret_key: SecretStr | None = Field(None, description="Its secret key.")
+    s3_region: str = Field("us-east-1", description="Region the S3 client signs for.")
+    s3_bucket_prefix: str = Field(
+        "edge-",
+        pattern=r"^[a-z0-9][a-z0-9.-]{0,40}$",
+        description="Factory buckets are named {prefix}{factory_id}.",
+    )
     s3_public_endpoint_url: str | None = Field(
         None,
         description=(
@@ -79,7 +109,12 @@ class Settings(BaseSettings):
         300, ge=1, le=3600, description="Lifetime of presigned download and preview links."
     )
 
-    qa_auto_approve_threshold: float = Field(0.90, ge=0.0, le=1.0)
+    qa_auto_approve_threshold: float = Field(
+        0.90,
+        ge=0.0,
+        le=1.0,
+        description="Score at or above which QA approves an episode without an inspector.",
+    )
     qa_thorough_band: float = Field(
         0.05,
         ge=0.0,
@@ -88,9 +123,18 @@ class Settings(BaseSettings):
     )
     qa_min_duration_s: float = Field(1.0, ge=0.0, description="Default when the task sets none.")
     qa_max_gap_s: float = Field(1.0, gt=0.0, description="A topic silent longer than this fails.")
-    qa_lease_minutes: int = Field(15, ge=1, le=24 * 60)
-    qa_batch_min: int = Field(10, ge=1, le=10_000)
-    qa_batch_max: int = Field(200, ge=1, le=10_000)
+    qa_lease_minutes: int = Field(
+        15,
+        ge=1,
+        le=24 * 60,
+        description="A QA run's claim on an episode; a dead run's episodes return after it.",
+    )
+    qa_batch_min: int = Field(
+        10, ge=1, le=10_000, description="Fewest episodes one qa_batch run is sized for."
+    )
+    qa_batch_max: int = Field(
+        200, ge=1, le=10_000, description="Most episodes one qa_batch run claims."
+    )
     qa_workers: int = Field(4, ge=1, le=64, description="Episodes scored in parallel in one run.")
     qa_max_attempts: int = Field(
         5, ge=1, le=100, description="Runs that may fail to read an object before qa_failed."
@@ -116,8 +160,8 @@ class Settings(BaseSettings):
         ),
     )
 
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8000, ge=1, le=65535)
+    api_host: str = Field("127.0.0.1", description="`keystone api` bind address.")
+    api_port: int = Field(8000, ge=1, le=65535, description="`keystone api` port.")
     max_request_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
@@ -167,7 +211,9 @@ class Settings(BaseSettings):
     alert_stuck_leases_max: int = Field(
         0, ge=0, description="Warn when more claims than this hold an expired lease."
     )
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: str = Field(
+        "INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Least severe level logged."
+    )
     log_format: Literal["json", "text"] = Field(
         "json",
         description=(
@@ -310,8 +356,10 @@ class Settings(BaseSettings):
     sync_s3_access_key: SecretStr | None = Field(
         None, description="Target S3 key; empty means the edge store's credentials."
     )
-    sync_s3_secret_key: SecretStr | None = None
-    sync_s3_region: str = "us-east-1"
+    sync_s3_secret_key: SecretStr | None = Field(
+        None, description="Target S3 secret; empty means the edge store's."
+    )
+    sync_s3_region: str = Field("us-east-1", description="Region of the target S3 store.")
     sync_s3_bucket: str = Field(
         "keystone-cloud", pattern=r"^[a-z0-9][a-z0-9.-]{1,62}$", description="Target bucket."
     )

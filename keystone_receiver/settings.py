@@ -44,9 +44,11 @@ class ReceiverSettings(BaseSettings):
             "proxy; empty means s3_endpoint_url."
         ),
     )
-    s3_access_key: SecretStr | None = None
-    s3_secret_key: SecretStr | None = None
-    s3_region: str = Field("us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
+    s3_access_key: SecretStr | None = Field(None, description="Access key of the cloud store.")
+    s3_secret_key: SecretStr | None = Field(None, description="Its secret key.")
+    s3_region: str = Field(
+        "us-east-1", pattern=r"^[a-z0-9-]{1,32}$", description="Region the S3 client signs for."
+    )
     bucket: str = Field(
         "keystone-cloud",
         pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
@@ -72,9 +74,16 @@ class ReceiverSettings(BaseSettings):
         le=MAX_PART_SIZE,
         description="Multipart part size (raised per object to stay within 10,000 parts).",
     )
-    presign_expires_s: int = Field(3600, ge=60, le=MAX_PRESIGN_EXPIRES_S)
+    presign_expires_s: int = Field(
+        3600,
+        ge=60,
+        le=MAX_PRESIGN_EXPIRES_S,
+        description="Lifetime of the presigned upload URLs handed to a sender.",
+    )
     max_objects: int = Field(16, ge=1, le=MAX_OBJECTS_CEILING, description="Objects per episode.")
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: str = Field(
+        "INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Least severe level logged."
+    )
 
     @field_validator("s3_endpoint_url", "public_s3_endpoint_url")
     @classmethod

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+import yaml
 from rich.console import Console
 
 from keystone_core.db import create_db_engine, session_scope
@@ -24,40 +26,24 @@ from keystone_core.errors import KeystoneError
 from keystone_core.local_secrets import load_or_create_secrets
 from keystone_core.logs import configure_logging
 from keystone_core.services.bootstrap import prepare_database
-from keystone_core.services.demo import seed_demo
+from keystone_core.services.demo import DEMO_ROBOT_TYPE_MODEL, seed_demo
 from keystone_core.settings import Settings, load_settings
 from keystone_core.storage import EmbeddedS3Server, create_s3_client, ensure_bucket
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECEIVER_BUCKET = "keystone-cloud"
-DAGSTER_DEV_CONFIG = """\
-# Written by `keystone dev`: the SQLite variant of the repository's dagster.yaml.
-telemetry:
-  enabled: false
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 4
-    tag_concurrency_limits:
-      - key: keystone/pool
-        value: qa
-        limit: 2
-      - key: keystone/pool
-        value: sync
-        limit: 2
-run_retries:
-  enabled: true
-  max_retries: 2
-retention:
-  schedule:
-    purge_after_days: 30
-  sensor:
-    purge_after_days:
-      skipped: 1
-      failure: 30
-      success: 7
+DAGSTER_DEV_HEADER = """\
+# Written by `keystone dev`: the repository's dagster.yaml without its MySQL storage, so
+# runs, events and schedules live in SQLite under this directory. Same run queue, pools,
+# retries, telemetry and retention as production.
 """
+
+
+def dagster_dev_config(production: Path = PROJECT_ROOT / "dagster.yaml") -> str:
+    """The production instance config with Dagster's default (SQLite) storage."""
+    config = yaml.safe_load(production.read_text(encoding="utf-8"))
+    config.pop("storage", None)
+    return DAGSTER_DEV_HEADER + yaml.safe_dump(config, sort_keys=False)
 
 
 DEV_SECRETS = {
@@ -139,7 +125,7 @@ class DevStack:
     def _child_env(self, secrets_: dict[str, str], s3_endpoint: str) -> dict[str, str]:
         dagster_home = self.data_dir / "dagster"
         dagster_home.mkdir(parents=True, exist_ok=True)
-        (dagster_home / "dagster.yaml").write_text(DAGSTER_DEV_CONFIG)
+        (dagster_home / "dagster.yaml").write_text(dagster_dev_config(), encoding="utf-8")
         # One host, one metrics directory: the API's /metrics also shows what Dagster's
         # runs counted (QA verdicts, sync attempts, webhook deliveries). Fresh per start.
         metrics_dir = self.data_dir / "metrics"
@@ -326,6 +312,23 @@ class DevStack:
             f"[bold]{settings.admin_password.get_secret_value()}[/]"
         )
         c.print(f"Data       {self.data_dir}  (logs in {self.data_dir / 'logs'})")
+        if factory_ids:
+            # The password comes from .keystone/dev-secrets.json when run from this directory.
+            command = shlex.join(
+                [
+                    "keystone",
+                    "simulate",
+                    "--factory",
+                    str(factory_ids[0]),
+                    "--robot-type",
+                    DEMO_ROBOT_TYPE_MODEL,
+                    "--robots",
+                    "5",
+                    "--api",
+                    f"http://127.0.0.1:{self.api_port}",
+                ]
+            )
+            c.print(f"Simulate   .tools/bin/uv run {command}", soft_wrap=True, highlight=False)
         c.print("Press Ctrl-C to stop.")
 
     def _supervise(self) -> int:

@@ -404,7 +404,13 @@ def simulate(
     size_mb: Annotated[float | None, typer.Option(min=0.01, help="MiB per episode.")] = None,
     api: Annotated[str, typer.Option(help="Keystone base URL.")] = "http://127.0.0.1:8000",
     account: Annotated[str, typer.Option(help="Admin account (opens the window).")] = "admin",
-    password: Annotated[str, typer.Option(envvar="KEYSTONE_ADMIN_PASSWORD")] = "",
+    password: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYSTONE_ADMIN_PASSWORD",
+            help="Admin password; default: the dev stack's (.keystone/dev-secrets.json).",
+        ),
+    ] = "",
     data_dir: Annotated[Path, typer.Option(help="Where robots keep recordings.")] = Path(
         ".keystone/simulate"
     ),
@@ -416,6 +422,8 @@ def simulate(
 
     from keystone_core.simulation.fleet import FleetPlan, run_fleet
 
+    if not password:
+        password = _dev_admin_password()
     plan = FleetPlan(
         base_url=api.rstrip("/"),
         admin_account=account,
@@ -443,6 +451,24 @@ def simulate(
         Console().print(table)
     if summary["errors"]:
         raise typer.Exit(1)
+
+
+def _dev_admin_password() -> str:
+    """The admin password `keystone dev` generated in this directory, or exit 2."""
+    import json
+
+    secrets_file = Path(".keystone") / "dev-secrets.json"
+    try:
+        password = json.loads(secrets_file.read_text(encoding="utf-8"))["admin_password"]
+    except (OSError, ValueError, KeyError, TypeError):
+        err.print(
+            "[bold red]error:[/] no admin password: pass --password, set "
+            f"KEYSTONE_ADMIN_PASSWORD, or run from the directory of `keystone dev` "
+            f"({secrets_file} not readable)",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
+    return str(password)
 
 
 @app.command()

@@ -8,9 +8,12 @@ from sqlmodel import Session, col, select
 
 from keystone_core.models import SOP, Factory, Organization, RobotType, Scene, Skill, Subscene
 from keystone_core.services.audit import Actor, record_audit
+from keystone_core.simulation.episodes import DEFAULT_TOPICS
 
 DEMO_ORG_SLUG = "demo-robotics"
 DEMO_FACTORY_SLUG = "demo-factory"
+# What simulated robots register as (`keystone simulate --robot-type`).
+DEMO_ROBOT_TYPE_MODEL = "Demo dual-arm"
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,11 @@ def seed_demo(session: Session) -> DemoData:
         )
         robot_type = RobotType(
             name="axon-demo-arm",
-            model="Demo dual-arm",
+            model=DEMO_ROBOT_TYPE_MODEL,
             manufacturer="Demo Robotics",
-            ros_topics=["/camera/head/image_raw/compressed", "/joint_states"],
+            # What `keystone simulate`'s robots record, so QA's required-topics check
+            # passes for them and their episodes can be auto-approved.
+            ros_topics=[topic.name for topic in DEFAULT_TOPICS],
         )
         scene = Scene(name="Kitchen tabletop", description="Tabletop manipulation")
         skill = Skill(slug="pick_and_place", description="Pick an object and place it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,3 +132,99 @@ def test_dev_stack_comes_up_serves_and_restarts_on_the_same_data(tmp_path: Path)
     finally:
         if again.poll() is None:
             stop_and_check_children(again)
+
+
+RUNS = (
+    "{ runsOrError(filter: {statuses: [SUCCESS]}) { __typename ... on Runs "
+    "{ results { jobName } } } }"
+)
+VERDICTS = {"auto_approved", "needs_inspection"}
+
+
+def simulate_command(banner: str) -> list[str]:
+    """The arguments of the `keystone simulate …` line the banner tells a newcomer to run."""
+    (line,) = [line for line in banner.splitlines() if line.startswith("Simulate ")]
+    words = shlex.split(line.removeprefix("Simulate").strip())
+    assert words[:4] == [".tools/bin/uv", "run", "keystone", "simulate"], line
+    return words[3:]
+
+
+def test_newcomers_path_simulated_robots_to_verdicts_and_synced(tmp_path: Path) -> None:
+    """README: `make dev`, open the URLs, run the printed `keystone simulate --robots 5` in
+    another terminal, see the episodes reach a verdict and the approved ones synced, in the
+    API and in the Dagster UI."""
+    ports = dict(zip(("api", "dagster", "s3", "receiver"), free_tcp_ports(4), strict=True))
+    api = f"http://127.0.0.1:{ports['api']}"
+    log = tmp_path / "dev.log"
+    process = start_dev(tmp_path, ports, log)
+    try:
+        banner = wait_for_banner(process, log)
+        args = simulate_command(banner)
+        assert args[args.index("--robots") + 1] == "5"
+        assert args[args.index("--api") + 1] == api
+        # In the directory `make dev` ran in, as the newcomer's second terminal is.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTONE_")}
+        simulated = subprocess.run(
+            [sys.executable, "-m", "keystone_cli", *args, "--json"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert simulated.returncode == 0, simulated.stdout + simulated.stderr
+        summary = json.loads(simulated.stdout)
+        expected = summary["episodes_acked"]
+        assert expected == 5 * 2, summary  # five robots, two recordings each by default
+
+        secrets = json.loads((tmp_path / ".keystone" / "dev-secrets.json").read_text())
+        headers = {"Authorization": f"Bearer {login(api, secrets['admin_password'])}"}
+
+        def settled() -> tuple[dict[str, int], int] | None:
+            episodes = httpx.get(
+                f"{api}/api/v1/episodes", params={"limit": 100}, headers=headers, timeout=10
+            ).json()
+            statuses = [e["status"] for e in episodes["items"]]
+            counts = {s: statuses.count(s) for s in set(statuses)}
+            synced = (
+                httpx.get(f"{api}/api/v1/sync/episodes/summary", headers=headers, timeout=10)
+                .json()["counts"]
+                .get("synced", 0)
+            )
+            verdicts = sum(n for s, n in counts.items() if s in VERDICTS)
+            if verdicts == expected and synced == counts.get("auto_approved", 0):
+                return counts, synced
+            return None
+
+        deadline = time.monotonic() + 300
+        outcome = None
+        while outcome is None and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+            outcome = settled()
+            if outcome is None:
+                time.sleep(1)
+        assert outcome is not None, f"episodes did not settle: {settled.__name__} timed out"
+        counts, synced = outcome
+        assert counts.get("auto_approved", 0) > 0, counts
+        assert synced == counts["auto_approved"]
+
+        # The Dagster UI shows the QA and sync runs that did it (a run finishes a moment
+        # after its last episode is recorded).
+        def succeeded_jobs() -> set[str]:
+            runs = httpx.post(
+                f"http://127.0.0.1:{ports['dagster']}/graphql", json={"query": RUNS}, timeout=30
+            ).json()["data"]["runsOrError"]["results"]
+            return {run["jobName"] for run in runs}
+
+        deadline = time.monotonic() + 120
+        while not {"qa_batch", "sync_batch"} <= succeeded_jobs():
+            assert time.monotonic() < deadline, f"runs in the Dagster UI: {succeeded_jobs()}"
+            time.sleep(1)
+
+        # And the reference cloud receiver holds the synced copies.
+        receiver = httpx.get(f"http://127.0.0.1:{ports['receiver']}/health", timeout=10)
+        assert receiver.status_code == 200
+    finally:
+        if process.poll() is None:
+            stop_and_check_children(process)

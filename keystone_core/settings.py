@@ -409,6 +409,39 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- housekeeping (docs/runbooks/housekeeping.md) ------------------------------------
+    audit_retention_days: int | None = Field(
+        365,
+        ge=1,
+        le=36_500,
+        description=(
+            "The daily housekeeping job archives audit-log rows older than this to the object "
+            "store and deletes them from the database; empty keeps them forever."
+        ),
+    )
+    audit_archive: bool = Field(
+        True,
+        description=(
+            "Write expired audit rows to KEYSTONE_AUDIT_ARCHIVE_BUCKET before deleting them; "
+            "false deletes them without a copy."
+        ),
+    )
+    audit_archive_bucket: str = Field(
+        "keystone-audit-archive",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket (in the factory object store) the audit archives go to.",
+    )
+    outbox_retention_days: int | None = Field(
+        14,
+        ge=1,
+        le=3650,
+        description=(
+            "Housekeeping deletes events fanned out longer ago than this, with their webhook "
+            "deliveries and attempts once every delivery is delivered or failed; empty keeps "
+            "them forever."
+        ),
+    )
+
     # --- webhooks (docs/webhooks.md) -----------------------------------------------------
     webhook_timeout_s: float = Field(
         10.0, gt=0, le=120, description="One webhook POST: connect, send and each read."
@@ -441,7 +474,13 @@ class Settings(BaseSettings):
         description="Outbox events fanned out, and deliveries claimed, per pass of a run.",
     )
 
-    @field_validator("edge_retention_days", "dagster_run_retention_days", mode="before")
+    @field_validator(
+        "edge_retention_days",
+        "dagster_run_retention_days",
+        "audit_retention_days",
+        "outbox_retention_days",
+        mode="before",
+    )
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         # `NAME=` in an env file is how an operator writes "off" for an optional period.

@@ -6,6 +6,7 @@ from dagster import Definitions, in_process_executor
 
 from keystone_pipelines.defs.alerts import alerts_sensor
 from keystone_pipelines.defs.health import keystone_heartbeat_sensor
+from keystone_pipelines.defs.housekeeping import housekeeping, housekeeping_schedule
 from keystone_pipelines.defs.maintenance import (
     prune_device_feed,
     prune_device_feed_schedule,
@@ -46,6 +47,7 @@ defs = Definitions(
         edge_retention,
         deliver_webhooks,
         purge_run_history,
+        housekeeping,
     ],
     sensors=[
         keystone_heartbeat_sensor,
@@ -63,6 +65,7 @@ defs = Definitions(
         edge_retention_schedule,
         outbox_safety_schedule,
         purge_run_history_schedule,
+        housekeeping_schedule,
     ],
     resources={"database": KeystoneDatabase(), "object_store": KeystoneObjectStore()},
     # Every job here is one op (or one asset) that parallelises inside itself; a process

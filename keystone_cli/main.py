@@ -322,6 +322,78 @@ def dev(
     raise typer.Exit(code)
 
 
+@app.command()
+def backup(
+    out: Annotated[Path, typer.Option("--out", help="New directory to write the backup to.")],
+    no_objects: Annotated[
+        bool, typer.Option("--no-objects", help="Database only, not the buckets.")
+    ] = False,
+) -> None:
+    """Back up the database (one consistent snapshot) and the factory buckets."""
+    from keystone_core.db import create_db_engine
+    from keystone_core.services import backup as backups
+    from keystone_core.settings import get_settings
+    from keystone_core.storage import create_s3_client
+
+    settings = get_settings()
+    engine = create_db_engine(settings)
+    try:
+        client = None if no_objects else create_s3_client(settings)
+        report = backups.backup(engine, client, settings, out, progress=err.print)
+    except backups.BackupError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    typer.echo(f"backup of revision {report.revision} written to {report.path}")
+
+
+@app.command()
+def restore(
+    source: Annotated[Path, typer.Option("--from", help="A directory `keystone backup` wrote.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Empty a database that holds Keystone data first.")
+    ] = False,
+    no_objects: Annotated[
+        bool, typer.Option("--no-objects", help="Database only, not the buckets.")
+    ] = False,
+    objects_only: Annotated[
+        bool, typer.Option("--objects-only", help="Upload the objects again, not the database.")
+    ] = False,
+) -> None:
+    """Restore a backup: verify it, recreate the database at its revision, migrate, upload."""
+    from keystone_core.db import create_db_engine
+    from keystone_core.services import backup as backups
+    from keystone_core.settings import get_settings
+    from keystone_core.storage import create_s3_client
+
+    if no_objects and objects_only:
+        err.print("[bold red]error:[/] --no-objects and --objects-only exclude each other")
+        raise typer.Exit(2)
+    settings = get_settings()
+    engine = create_db_engine(settings)
+    try:
+        client = None if no_objects else create_s3_client(settings)
+        report = backups.restore(
+            engine,
+            client,
+            settings,
+            source,
+            force=force,
+            database=not objects_only,
+            progress=err.print,
+        )
+    except backups.BackupError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"restored revision {report.revision}: {sum(report.tables.values())} rows, "
+        f"{report.objects} objects"
+    )
+
+
 @app.command("config-reference")
 def config_reference(
     check: Annotated[
